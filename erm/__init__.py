@@ -1,0 +1,12 @@
+"""erm: endogenous reward models from any causal LM, computed with fused kernels.
+
+    import erm
+    st = erm.token_stats(logits, targets, temperature=1.0, entropy=True)
+    r = erm.endogenous_rewards(logits, input_ids, response_mask=mask)
+"""
+from .dispatch import backends
+from .ops import TokenStats, endogenous_rewards, soft_values, token_logprobs, token_stats
+
+__version__ = "0.1.0"
+__all__ = ["TokenStats", "token_stats", "token_logprobs", "soft_values", "endogenous_rewards",
+           "backends", "__version__"]

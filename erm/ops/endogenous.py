@@ -1,0 +1,94 @@
+"""The endogenous reward: a causal LM's logits read as a soft Q-function (arXiv 2506.23235).
+
+With logits z_t at position t, temperature α and discount γ:
+
+    soft value   V(s_t) = α·logsumexp(z_t/α)
+    token reward r_t    = z_{t−1}[a_t] − γ·V(s_{t+1}),   V(s_{t+1}) = α·logsumexp(z_t/α)
+
+after the last response token V(s_{t+1}) = 0 if the sequence terminated (EOS) and the soft value
+of the next position otherwise. With γ = 1 the rewards of a response sum to α·log π(y|x) + V(s_1):
+the sum telescopes. Everything is computed by `erm.token_stats` (one fused pass over the logits)
+and a few (B, T) tensor ops. Test: tests/test_endogenous.py.
+"""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .token_stats import token_stats
+
+_IGNORE = -100
+
+
+def soft_values(logits: Tensor, *, alpha: float = 1.0, backend: str = "auto") -> Tensor:
+    """Soft value α·logsumexp(logits/α) per position.
+
+    Args:
+        logits: (..., V) float32 / bfloat16 / float16.
+        alpha: temperature α > 0.
+    Returns:
+        (...) float32, differentiable w.r.t. logits.
+    """
+    _checks.check_logits(logits)
+    alpha = _checks.check_alpha(alpha, "alpha")
+    targets = torch.full(logits.shape[:-1], _IGNORE, dtype=torch.long, device=logits.device)
+    return alpha * token_stats(logits, targets, temperature=alpha, ignore_index=_IGNORE,
+                               backend=backend).lse
+
+
+def endogenous_rewards(logits: Tensor, input_ids: Tensor, *, response_mask: Optional[Tensor] = None,
+                       alpha: float = 1.0, gamma: float = 1.0,
+                       terminated: Union[bool, Tensor] = True, backend: str = "auto") -> Tensor:
+    """Per-token endogenous rewards of the tokens in `input_ids` under the LM that produced `logits`.
+
+    Args:
+        logits: (B, T, V) causal-LM logits over `input_ids` (position t predicts token t+1);
+            float32 / bfloat16 / float16.
+        input_ids: (B, T) integer token ids in [0, V).
+        response_mask: (B, T) bool (or 0/1), True on the tokens to reward. Default: every position
+            but the first. Position 0 has no preceding state and cannot be rewarded.
+        alpha: temperature α > 0 of the soft Q-function.
+        gamma: discount γ applied to the next state's soft value.
+        terminated: bool or (B,) bool tensor; True when a sequence's last response token ended it
+            (EOS), so the value after it is 0; False (truncated) uses the soft value there.
+    Returns:
+        (B, T) float32: position t holds r_t = z_{t−1}[input_ids[t]] − γ·V(s_{t+1}) inside the
+        mask, 0 elsewhere. Differentiable w.r.t. logits.
+    """
+    _checks.check_logits(logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
+    ids = _checks.check_targets(input_ids, logits.shape[:-1], logits.device, name="input_ids")
+    alpha = _checks.check_alpha(alpha, "alpha")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
+    b, t, v = logits.shape
+    if response_mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool, device=logits.device)
+        mask[:, 0] = False
+    else:
+        if not isinstance(response_mask, Tensor) or tuple(response_mask.shape) != (b, t):
+            raise ValueError(f"response_mask must be a (B, T) = {(b, t)} tensor")
+        mask = response_mask.to(device=logits.device, dtype=torch.bool)
+        if bool(mask[:, 0].any()):
+            raise ValueError("response_mask marks position 0, which has no preceding state")
+    if isinstance(terminated, Tensor):
+        if terminated.shape != (b,):
+            raise ValueError(f"terminated must be a bool or a (B,) = ({b},) tensor")
+        term = terminated.to(device=logits.device, dtype=torch.bool)
+    else:
+        term = torch.full((b,), bool(terminated), dtype=torch.bool, device=logits.device)
+    _checks.check_target_range(ids, v, ignore_index=-(2**62), name="input_ids")
+
+    # next-token targets: position t scores input_ids[t+1]; the last position has none
+    nxt = torch.cat([ids[:, 1:], torch.full((b, 1), _IGNORE, dtype=ids.dtype, device=ids.device)], 1)
+    st = token_stats(logits, nxt, temperature=alpha, ignore_index=_IGNORE, backend=backend)
+    value = alpha * st.lse                                            # V(s_{t+1}) at index t
+    q = torch.cat([st.target_logit.new_zeros(b, 1), st.target_logit[:, :-1]], 1)  # z_{t-1}[a_t]
+    pos = torch.arange(t, device=logits.device)
+    last = (mask * pos).amax(dim=1, keepdim=True)                     # last response position
+    is_last = mask & (pos == last)
+    next_value = torch.where(is_last & term.unsqueeze(1), torch.zeros_like(value), value)
+    r = q - gamma * next_value
+    return torch.where(mask, r, torch.zeros_like(r))

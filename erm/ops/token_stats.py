@@ -1,0 +1,188 @@
+"""Per-token statistics of a softmax policy, straight from logits, without a full-vocab softmax.
+
+For logits z (..., V) at temperature α and targets a (...):
+
+    lse          = logsumexp(z/α)                (the soft value is α·lse; see `soft_values`)
+    target_logit = z[a]
+    logprob      = z[a]/α − lse                  (0 where a == ignore_index)
+    entropy      = H(softmax(z/α)) = lse − Σ p·z/α
+
+Kernels: `erm.kernels.token_stats` (Triton, one read of the logits in forward, one in backward),
+`erm._C` (CUDA C++, csrc/token_stats.cu) and `erm.ops.torch_impl` (chunked PyTorch, CPU).
+The op is registered with torch.library as `erm::token_stats` (+ `erm::token_stats_backward`),
+with a fake implementation and autograd, so `torch.compile(fullgraph=True)` traces it.
+Test: tests/test_token_stats.py. Bench: benches/bench_token_stats.py.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, dispatch
+from . import torch_impl
+
+
+class TokenStats(NamedTuple):
+    """Outputs of `erm.token_stats`, each float32 with the shape of `targets` (float64 for float64
+    logits). `entropy` is None unless requested."""
+
+    logprob: Tensor
+    lse: Tensor
+    target_logit: Tensor
+    entropy: Optional[Tensor]
+
+
+def _out_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _rows(logits: Tensor):
+    """(N, V) view of logits when the leading dims collapse without a copy, else None."""
+    try:
+        return logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _torch_forward(logits, targets, alpha, ignore_index, with_entropy):
+    v = logits.shape[-1]
+    rows = _rows(logits)
+    if rows is not None:
+        outs = torch_impl.forward(rows, targets.reshape(-1), alpha, ignore_index, with_entropy)
+    else:  # e.g. logits[:, :-1] of a (B, T, V) tensor: walk the first dim, each slice is a view
+        parts = [torch_impl.forward(logits[i].reshape(-1, v), targets[i].reshape(-1), alpha,
+                                    ignore_index, with_entropy) for i in range(logits.shape[0])]
+        outs = tuple(torch.cat([p[k] for p in parts]) for k in range(4))
+    shape = targets.shape
+    lp, lse, tl, ent = outs
+    return lp.view(shape), lse.view(shape), tl.view(shape), ent.view(shape) if with_entropy else ent
+
+
+def _torch_backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index):
+    v = logits.shape[-1]
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    rows = _rows(logits)
+    if rows is None:
+        rows = logits.reshape(-1, v)  # rare layouts; a copy in the input dtype, not float32
+    g = torch_impl.backward(rows, targets.reshape(-1), flat(lse), flat(ent), flat(g_lp), flat(g_lse),
+                            flat(g_tl), flat(g_ent), alpha, ignore_index)
+    return g.view(logits.shape)
+
+
+def _impl(name):
+    if name == "torch":
+        return _torch_forward, _torch_backward
+    if name == "triton":
+        from ..kernels import token_stats as k
+        return k.forward, k.backward
+    if name == "cuda":
+        from . import cuda_impl
+        return cuda_impl.forward, cuda_impl.backward
+    raise AssertionError(name)
+
+
+def _compute_dtype_ok(logits, name):
+    if logits.dtype == torch.float64 and name != "torch":
+        raise TypeError("float64 logits are supported by the torch backend only")
+
+
+@torch.library.custom_op("erm::token_stats", mutates_args=())
+def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: int,
+                    with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _checks.check_target_range(targets, logits.shape[-1], ignore_index)
+    name = dispatch.resolve(backend, logits.device)
+    _compute_dtype_ok(logits, name)
+    fwd, _ = _impl(name)
+    return tuple(fwd(logits, targets, alpha, ignore_index, with_entropy))
+
+
+@_token_stats_op.register_fake
+def _(logits, targets, alpha, ignore_index, with_entropy, backend):
+    dt = _out_dtype(logits)
+    mk = lambda shape: logits.new_empty(shape, dtype=dt)  # noqa: E731
+    return (mk(targets.shape), mk(targets.shape), mk(targets.shape),
+            mk(targets.shape if with_entropy else (0,)))
+
+
+@torch.library.custom_op("erm::token_stats_backward", mutates_args=())
+def _token_stats_backward_op(logits: Tensor, targets: Tensor, lse: Tensor, ent: Tensor,
+                             g_lp: Optional[Tensor], g_lse: Optional[Tensor],
+                             g_tl: Optional[Tensor], g_ent: Optional[Tensor], alpha: float,
+                             ignore_index: int, backend: str) -> Tensor:
+    name = dispatch.resolve(backend, logits.device)
+    _compute_dtype_ok(logits, name)
+    _, bwd = _impl(name)
+    cast = lambda g: None if g is None else g.to(_out_dtype(logits)).contiguous()  # noqa: E731
+    return bwd(logits, targets, lse, ent, cast(g_lp), cast(g_lse), cast(g_tl), cast(g_ent),
+               alpha, ignore_index)
+
+
+@_token_stats_backward_op.register_fake
+def _(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, alpha, ignore_index, with_entropy, backend = inputs
+    _, lse, _, ent = output
+    ctx.save_for_backward(logits, targets, lse, ent)
+    ctx.args = (alpha, ignore_index, with_entropy, backend)
+
+
+def _backward(ctx, g_lp, g_lse, g_tl, g_ent):
+    logits, targets, lse, ent = ctx.saved_tensors
+    alpha, ignore_index, with_entropy, backend = ctx.args
+    if not with_entropy:
+        g_ent = None
+    grad = _token_stats_backward_op(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha,
+                                    ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_stats(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                ignore_index: int = -100, entropy: bool = False,
+                backend: str = "auto") -> TokenStats:
+    """Log-prob, logsumexp, target logit and (optionally) entropy per token, from logits.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 on the torch backend). Any strides
+            with a unit last stride avoid copies; (B, T, V) slices such as `logits[:, :-1]` too.
+        targets: (...) integer ids (int64) with the leading shape of `logits`; entries equal to
+            `ignore_index` are allowed, anything else must lie in [0, V).
+        temperature: α > 0; statistics are those of softmax(logits/α).
+        ignore_index: rows with this target get logprob 0, target_logit 0 and no gradient through
+            them; their `lse` (and entropy) are still computed.
+        entropy: also compute H(softmax(logits/α)).
+        backend: "auto" | "cuda" | "triton" | "torch" (see `erm.dispatch`).
+
+    Returns:
+        TokenStats(logprob, lse, target_logit, entropy): float32 tensors shaped like `targets`
+        (`entropy` is None unless asked). Differentiable w.r.t. `logits` through all four, for any
+        upstream gradient; the backward recomputes from the logits and the saved per-row lse.
+
+    Raises:
+        TypeError: non-tensor inputs, integer logits, float targets.
+        ValueError: shape mismatch, empty input, temperature <= 0, out-of-range target ids.
+    """
+    _checks.check_logits(logits)
+    targets = _checks.check_targets(targets, logits.shape[:-1], logits.device)
+    alpha = _checks.check_alpha(temperature)
+    if backend not in dispatch.NAMES:
+        raise ValueError(f"backend must be one of {dispatch.NAMES}, got {backend!r}")
+    lp, lse, tl, ent = _token_stats_op(logits, targets, alpha, int(ignore_index), bool(entropy),
+                                       backend)
+    return TokenStats(lp, lse, tl, ent if entropy else None)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, backend: str = "auto") -> Tensor:
+    """log softmax(logits/α)[targets] per token: (...) float32, 0 at ignore_index.
+
+    A drop-in for TRL's `selective_log_softmax(logits, index)` and for
+    `-F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction='none')`, without the
+    full-vocabulary log-softmax. Arguments as in `token_stats`."""
+    return token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                       backend=backend).logprob

@@ -1,0 +1,89 @@
+"""Build and install erm.
+
+`pip install .` works on any machine. The CUDA C++ extension (`erm._C`, sources in `csrc/`) is
+built when a CUDA toolkit and a CUDA-enabled torch are importable at build time; otherwise erm runs
+on its Triton and PyTorch backends. `ERM_BUILD_CUDA=1` forces the build (and fails loudly if it
+cannot), `ERM_BUILD_CUDA=0` skips it. `TORCH_CUDA_ARCH_LIST` picks the architectures
+(default: 8.0 and 9.0).
+
+Because the build needs the torch you run with, install with `--no-build-isolation` when you want
+the CUDA extension: `pip install --no-build-isolation .`
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extension():
+    """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) when it is skipped."""
+    flag = os.environ.get("ERM_BUILD_CUDA", "auto").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return [], {}
+    forced = flag in ("1", "true", "yes", "on")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as exc:  # torch missing at build time (e.g. build isolation)
+        if forced:
+            raise RuntimeError(f"ERM_BUILD_CUDA=1 but torch cannot be imported at build time: {exc}")
+        print("erm: torch not importable at build time; skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+    reason = None
+    if not sources:
+        reason = "no sources in csrc/"
+    elif torch.version.cuda is None:
+        reason = "torch is a CPU-only build"
+    elif CUDA_HOME is None:
+        reason = "no CUDA toolkit (nvcc) found"
+    if reason:
+        if forced:
+            raise RuntimeError(f"ERM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        print(f"erm: skipping the CUDA extension ({reason})", file=sys.stderr)
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = CUDAExtension(
+        name="erm._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="erm",
+    version="0.1.0",
+    description="Endogenous reward models from any causal LM, with fused Triton/CUDA kernels",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder and install as erm.kernels.
+    packages=["erm", "erm.ops", "erm.kernels"],
+    package_dir={"erm": "erm", "erm.kernels": "kernels"},
+    package_data={"erm": ["data/*.jsonl"]},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "models": ["transformers>=5.0", "gguf>=0.10", "accelerate>=1.0", "safetensors"],
+        "plot": ["matplotlib"],
+        "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["erm=erm.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
