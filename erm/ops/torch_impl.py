@@ -11,6 +11,7 @@ same thing in one pass; this file is their readable twin and the CPU path.
 """
 import torch
 
+_empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
 CHUNK_BYTES = 32 * 2**20  # float32 working set per chunk (a few temporaries of this size)
 
 
@@ -30,10 +31,10 @@ def forward(logits2d, targets, alpha: float, ignore_index: int, with_entropy: bo
     n, v = logits2d.shape
     dev = logits2d.device
     acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
-    logprob = torch.empty(n, dtype=acc, device=dev)
-    lse = torch.empty(n, dtype=acc, device=dev)
-    tl_out = torch.empty(n, dtype=acc, device=dev)
-    ent = torch.empty(n if with_entropy else 0, dtype=acc, device=dev)
+    logprob = _empty(n, dtype=acc, device=dev)
+    lse = _empty(n, dtype=acc, device=dev)
+    tl_out = _empty(n, dtype=acc, device=dev)
+    ent = _empty(n if with_entropy else 0, dtype=acc, device=dev)
     step = _rows_per_chunk(v)
     inv_alpha = 1.0 / alpha
     for s in range(0, n, step):
@@ -63,7 +64,7 @@ def forward(logits2d, targets, alpha: float, ignore_index: int, with_entropy: bo
 def backward(logits2d, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha: float, ignore_index: int):
     """Gradient w.r.t. logits2d (N, V), in logits2d's dtype. Upstream grads are float32 (N,) or None."""
     n, v = logits2d.shape
-    grad = torch.empty((n, v), dtype=logits2d.dtype, device=logits2d.device)
+    grad = _empty((n, v), dtype=logits2d.dtype, device=logits2d.device)
     step = _rows_per_chunk(v)
     inv_alpha = 1.0 / alpha
     for s in range(0, n, step):

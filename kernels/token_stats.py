@@ -1,0 +1,233 @@
+"""Triton kernels for `erm.token_stats` (math: erm/ops/token_stats.py; test: tests/test_token_stats.py;
+bench: benches/bench_token_stats.py).
+
+Forward: one program per (row, vocabulary split). It reads each logit once, in BLOCK_V chunks, and
+keeps three float32 scalars in base 2 (x2 = z·log2(e)/α):  m = running max, s = Σ 2^(x2−m),
+w = Σ 2^(x2−m)·(x2−m) (the entropy numerator, centred on the max so that H = log s − w/s does not
+cancel for large logits). When rows are too few to fill the GPU the vocabulary is split across
+programs and a small combine kernel merges the (m, s, w) partials. The target logit is a single
+scalar load. No softmax and no float32 copy of the logits is ever written.
+
+Backward: one program per (row, BLOCK_V chunk): p = 2^(x2 − lse2) recomputed from the logits and
+the saved per-row lse (O(N) saved state), the gradient written once, in the logits' dtype, with the
+target-class term added in float32 before the cast.
+
+Rows are addressed as (r // inner_rows)·stride_outer + (r % inner_rows)·stride_inner, so 2-D
+tensors with any row stride and (B, T, V) views such as `logits[:, :-1]` run without a copy.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _row_base(row, inner_rows, s_outer, s_inner):
+    row = row.to(tl.int64)
+    return (row // inner_rows) * s_outer + (row % inner_rows) * s_inner
+
+
+@triton.jit
+def _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
+            ignore_index, WITH_ENT: tl.constexpr):
+    """Write logprob, lse, target_logit (and entropy) of one row from its merged (m, s, w)."""
+    lse = (m + tl.log2(s)) * 0.6931471805599453
+    t = tl.load(t_ptr + row)
+    valid = t != ignore_index
+    tz = tl.load(z_ptr + base + tl.where(valid, t, 0)).to(tl.float32)
+    tz = tl.where(valid, tz, 0.0)
+    tl.store(lse_ptr + row, lse)
+    tl.store(tl_ptr + row, tz)
+    tl.store(lp_ptr + row, tl.where(valid, tz * inv_alpha - lse, 0.0))
+    if WITH_ENT:
+        tl.store(ent_ptr + row, (tl.log2(s) - w / s) * 0.6931471805599453)
+
+
+@triton.jit
+def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
+                V, inner_rows, s_outer, s_inner, inv_alpha, ignore_index, split_len,
+                SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    base = _row_base(row, inner_rows, s_outer, s_inner)
+    scale2 = inv_alpha * 1.4426950408889634
+    start = split * split_len
+    stop = tl.minimum(start + split_len, V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    w = tl.zeros((), tl.float32)
+    for off in range(start, stop, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        x = tl.load(z_ptr + base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
+        x = x * scale2
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: keep exp2 finite
+        alpha_old = tl.exp2(m - m_ref)
+        e = tl.exp2(x - m_ref)
+        if WITH_ENT:
+            d = tl.where(m == float("-inf"), 0.0, m - m_ref)
+            w = alpha_old * (w + s * d) + tl.sum(e * tl.where(e > 0, x - m_ref, 0.0), 0)
+        s = s * alpha_old + tl.sum(e, 0)
+        m = m_new
+    if SPLITS == 1:
+        _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
+                ignore_index, WITH_ENT)
+    else:
+        p = ws_ptr + (row.to(tl.int64) * SPLITS + split) * 3
+        tl.store(p, m)
+        tl.store(p + 1, s)
+        tl.store(p + 2, w)
+
+
+@triton.jit
+def _combine_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
+                    inner_rows, s_outer, s_inner, inv_alpha, ignore_index,
+                    SPLITS: tl.constexpr, WITH_ENT: tl.constexpr):
+    row = tl.program_id(0)
+    base = _row_base(row, inner_rows, s_outer, s_inner)
+    k = tl.arange(0, SPLITS)
+    p = ws_ptr + (row.to(tl.int64) * SPLITS + k) * 3
+    mi = tl.load(p)
+    si = tl.load(p + 1)
+    wi = tl.load(p + 2)
+    m = tl.max(mi, 0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    f = tl.exp2(mi - m_ref)
+    s = tl.sum(si * f, 0)
+    d = tl.where(mi == float("-inf"), 0.0, mi - m_ref)
+    w = tl.sum(f * (wi + si * d), 0)
+    _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
+            ignore_index, WITH_ENT)
+
+
+@triton.jit
+def _bwd_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent_ptr, dz_ptr,
+                V, inner_rows, s_outer, s_inner, inv_alpha, ignore_index,
+                HAS_LP: tl.constexpr, HAS_LSE: tl.constexpr, HAS_TL: tl.constexpr,
+                HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inb = cols < V
+    base = _row_base(row, inner_rows, s_outer, s_inner)
+    scale2 = inv_alpha * 1.4426950408889634
+    x2 = tl.load(z_ptr + base + cols, mask=inb, other=float("-inf")).to(tl.float32) * scale2
+    lse = tl.load(lse_ptr + row)
+    p = tl.exp2(x2 - lse * 1.4426950408889634)
+    t = tl.load(t_ptr + row)
+    valid = t != ignore_index
+    coef = 0.0
+    tgt = 0.0
+    if HAS_LSE:
+        coef += tl.load(glse_ptr + row)
+    if HAS_LP:
+        glp = tl.where(valid, tl.load(glp_ptr + row), 0.0)
+        coef -= glp
+        tgt += glp * inv_alpha
+    if HAS_TL:
+        tgt += tl.where(valid, tl.load(gtl_ptr + row), 0.0)
+    g = p * coef
+    if HAS_ENT:
+        h = tl.load(ent_ptr + row)
+        ge = tl.load(gent_ptr + row)
+        xc = x2 * 0.6931471805599453 - lse + h          # x − lse + H, natural units
+        g -= ge * p * tl.where(p > 0, xc, 0.0)
+    g = g * inv_alpha
+    g = tl.where(valid & (cols == t), g + tgt, g)          # float32 until the single cast below
+    tl.store(dz_ptr + row.to(tl.int64) * V + cols, g.to(dz_ptr.dtype.element_ty), mask=inb)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _layout(logits):
+    """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner) without copying when possible."""
+    v = logits.shape[-1]
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    try:
+        rows = logits.view(-1, v)
+        return rows, rows.shape[0], v, max(rows.shape[0], 1), 0, rows.stride(0)
+    except RuntimeError:
+        pass
+    if logits.dim() == 3:
+        b, t, _ = logits.shape
+        return logits, b * t, v, t, logits.stride(0), logits.stride(1)
+    rows = logits.contiguous().view(-1, v)
+    return rows, rows.shape[0], v, rows.shape[0], 0, rows.stride(0)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so that the split path is exercised at test shapes
+
+
+def _plan(n, v, device, block_v, splits):
+    if block_v is None:
+        block_v = 4096 if device.type == "cuda" else 64
+    if splits is None:
+        want = 4 * _sm_count(device)  # programs in flight to cover the memory latency
+        splits = 1
+        if n < want:
+            max_splits = max(1, v // (4 * block_v))  # keep ≥ 4 chunks per split
+            splits = min(max_splits, triton.next_power_of_2(math.ceil(want / n)))
+            splits = 1 << (splits.bit_length() - 1)  # power of two for the combine kernel
+    split_len = triton.cdiv(triton.cdiv(v, splits), block_v) * block_v
+    splits = triton.cdiv(v, split_len)
+    return block_v, max(1, triton.next_power_of_2(splits)) if splits > 1 else 1, split_len
+
+
+def forward(logits, targets, alpha, ignore_index, with_entropy, *, block_v=None, splits=None):
+    """Triton forward. logits (..., V) fp32/bf16/fp16, targets int64 (...) already range-checked.
+
+    Returns float32 (logprob, lse, target_logit, entropy) shaped like targets; entropy is an empty
+    (0,) tensor unless `with_entropy`. `block_v` / `splits` override the launch plan (tests)."""
+    z, n, v, inner, s_out, s_in = _layout(logits)
+    dev = logits.device
+    t = targets.reshape(-1).contiguous()
+    outs = [_empty(n, dtype=torch.float32, device=dev) for _ in range(3)]
+    ent = _empty(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    block_v, n_splits, split_len = _plan(n, v, dev, block_v, splits)
+    ws = torch.empty((n, n_splits, 3) if n_splits > 1 else (1,), dtype=torch.float32, device=dev)
+    if n_splits > 1:
+        ws[:, :, 0] = float("-inf")  # splits past the end of V (power-of-two padding) merge as empty
+        ws[:, :, 1:] = 0.0
+    ent_arg = ent if with_entropy else outs[0]
+    nw = 8 if dev.type == "cuda" else 1
+    _fwd_kernel[(n, triton.cdiv(v, split_len))](
+        z, t, outs[0], outs[1], outs[2], ent_arg, ws, v, inner, s_out, s_in, 1.0 / alpha,
+        ignore_index, split_len, SPLITS=n_splits, BLOCK_V=block_v, WITH_ENT=with_entropy,
+        num_warps=nw)
+    if n_splits > 1:
+        _combine_kernel[(n,)](z, t, outs[0], outs[1], outs[2], ent_arg, ws, inner, s_out, s_in,
+                              1.0 / alpha, ignore_index, SPLITS=n_splits, WITH_ENT=with_entropy)
+    shape = targets.shape
+    return (outs[0].view(shape), outs[1].view(shape), outs[2].view(shape),
+            ent.view(shape) if with_entropy else ent)
+
+
+def backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, *,
+             block_v=None):
+    """Triton backward: d(loss)/d(logits) in logits' dtype, shape of logits (contiguous).
+    Upstream grads are float32 shaped like targets, or None."""
+    z, n, v, inner, s_out, s_in = _layout(logits)
+    dev = logits.device
+    dz = _empty(logits.shape, dtype=logits.dtype, device=dev)
+    if block_v is None:
+        block_v = 4096 if dev.type == "cuda" else 64
+    t = targets.reshape(-1).contiguous()
+    flat = lambda g: None if g is None else g.reshape(-1).contiguous()  # noqa: E731
+    lse_f = flat(lse)
+    dummy = lse_f
+    args = [flat(g) if g is not None else dummy for g in (g_lp, g_lse, g_tl, g_ent)]
+    ent_f = flat(ent) if g_ent is not None else dummy
+    _bwd_kernel[(n, triton.cdiv(v, block_v))](
+        z, t, lse_f, ent_f, *args, dz, v, inner, s_out, s_in, 1.0 / alpha, ignore_index,
+        HAS_LP=g_lp is not None, HAS_LSE=g_lse is not None, HAS_TL=g_tl is not None,
+        HAS_ENT=g_ent is not None, BLOCK_V=block_v, num_warps=8 if dev.type == "cuda" else 1)
+    return dz

@@ -1,0 +1,202 @@
+"""erm.token_stats / token_logprobs against a float64 reference, on every backend that can run
+here (torch; Triton through TRITON_INTERPRET=1 on CPU; CUDA and Triton on a GPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import erm
+from erm import dispatch
+from erm.ops import torch_impl
+
+from .reference import rel_err, token_stats_ref
+
+GPU = torch.cuda.is_available()
+BACKENDS = ["torch"] + (["triton"] if dispatch.backends()["triton"] else []) + \
+    (["cuda"] if dispatch.backends()["cuda"] else [])
+DEV = "cuda" if GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # outputs are fp32 of exact inputs
+GTOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # grads are stored in input dtype
+
+
+def _poison(monkeypatch):
+    """Make every output allocation NaN-filled, so an element a kernel fails to write shows up."""
+    def nan_empty(*a, **k):
+        t = torch.empty(*a, **k)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+    monkeypatch.setattr(torch_impl, "_empty", nan_empty)
+    if "triton" in BACKENDS:
+        from erm.kernels import token_stats as k
+        monkeypatch.setattr(k, "_empty", nan_empty)
+
+
+def _check(logits, targets, backend, alpha=1.0, ignore_index=-100, weights=None, gtol=None):
+    """Compare all four outputs and the gradient for random upstream weights."""
+    z = logits.detach().clone().requires_grad_(True)
+    st = erm.token_stats(z, targets, temperature=alpha, ignore_index=ignore_index, entropy=True,
+                         backend=backend)
+    zr = logits.detach().double().requires_grad_(True)
+    ref = token_stats_ref(zr, targets, alpha, ignore_index)
+    for name, a, r in zip(st._fields, st, ref):
+        assert a.dtype == torch.float32 and a.shape == targets.shape, name
+        assert rel_err(a, r) < TOL[logits.dtype], (name, rel_err(a, r))
+    if weights is None:
+        weights = [torch.randn(targets.shape, device=logits.device) for _ in range(4)]
+    loss = sum((o * w).sum() for o, w in zip(st, weights))
+    loss_r = sum((o * w.double()).sum() for o, w in zip(ref, weights))
+    (g,) = torch.autograd.grad(loss, z)
+    (gr,) = torch.autograd.grad(loss_r, zr)
+    assert g.dtype == logits.dtype and g.shape == logits.shape
+    assert rel_err(g, gr) < (gtol or GTOL[logits.dtype]), rel_err(g, gr)
+    return st
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,v", [((5, 3), 97), ((1,), 300), ((33,), 64), ((2, 4), 1000)])
+def test_matches_reference(backend, dtype, shape, v, monkeypatch):
+    _poison(monkeypatch)
+    torch.manual_seed(hash((shape, v)) % 1000)
+    logits = (torch.randn(*shape, v, device=DEV) * 4).to(dtype)
+    targets = torch.randint(0, v, shape, device=DEV)
+    targets.view(-1)[0] = -100
+    _check(logits, targets, backend, alpha=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_values(backend, monkeypatch):
+    _poison(monkeypatch)
+    torch.manual_seed(1)
+    v = 211
+    z = torch.randn(6, v, device=DEV)
+    z[0] = z[0] * 1e4                       # ±1e4
+    z[1, ::3] = float("-inf")               # −inf entries (target is finite)
+    z[2] = 3.25                             # all-equal row
+    z[3, 5] = 1e4                           # one dominant logit
+    z[4, : v - 1] = float("-inf")           # a single finite entry
+    z[5] = -1e4 + torch.randn(v, device=DEV)
+    t = torch.tensor([7, 4, 0, 5, v - 1, 100], device=DEV)
+    # lse is saved in float32; at |lse| ≈ 1e4 its ulp is 1e-3, so p = exp(x − lse) recomputed in
+    # the backward carries ~5e-4 relative error on those rows: the gradient gets 1e-4 overall.
+    st = _check(z, t, backend, alpha=1.0, gtol=1e-4)
+    assert torch.isfinite(st.entropy).all()
+    assert abs(st.entropy[2].item() - torch.log(torch.tensor(float(v))).item()) < 1e-5
+    assert abs(st.entropy[4].item()) < 1e-6 and abs(st.logprob[4].item()) < 1e-6
+    _check(z, t, backend, alpha=2.5, gtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend, monkeypatch):
+    _poison(monkeypatch)
+    torch.manual_seed(2)
+    big = torch.randn(3, 9, 131, device=DEV)
+    # (B, T, V)[:, :-1] cannot be viewed as (N, V): the kernels address rows with two strides
+    sl = big[:, :-1]
+    t = torch.randint(0, 131, sl.shape[:-1], device=DEV)
+    _check(sl, t, backend, alpha=1.3)
+    # rows with a stride larger than V
+    wide = torch.randn(10, 200, device=DEV)[:, :150]
+    _check(wide, torch.randint(0, 150, (10,), device=DEV), backend)
+    # unit stride missing in the last dim: made contiguous first
+    tr = torch.randn(77, 12, device=DEV).t()
+    _check(tr, torch.randint(0, 77, (12,), device=DEV), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_rows(backend):
+    torch.manual_seed(3)
+    z = torch.randn(8, 50, device=DEV, requires_grad=True)
+    t = torch.randint(0, 50, (8,), device=DEV)
+    t[::2] = 7  # a non-negative ignore_index
+    st = erm.token_stats(z, t, ignore_index=7, backend=backend)
+    assert (st.logprob[::2] == 0).all() and (st.target_logit[::2] == 0).all()
+    assert torch.allclose(st.lse, torch.logsumexp(z.detach(), -1), atol=1e-5)
+    (g,) = torch.autograd.grad(st.logprob.sum(), z, retain_graph=True)
+    assert (g[::2] == 0).all() and (g[1::2] != 0).any()
+    (g,) = torch.autograd.grad(st.lse.sum(), z)  # lse of ignored rows still has a gradient
+    assert (g[::2] != 0).all()
+
+
+@pytest.mark.skipif(not dispatch.backends()["triton"], reason="triton unavailable")
+@pytest.mark.parametrize("splits,block_v", [(2, 16), (4, 16), (8, 32)])
+def test_triton_vocab_split(splits, block_v, monkeypatch):
+    """The split-vocabulary path (few rows, long rows) merges partials exactly."""
+    _poison(monkeypatch)
+    from erm.kernels import token_stats as k
+    torch.manual_seed(4)
+    z = torch.randn(3, 301, device=DEV) * 5
+    z[1, 200:] = float("-inf")  # whole splits of −inf
+    t = torch.tensor([3, 100, -100], device=DEV)
+    out = k.forward(z, t, 0.9, -100, True, block_v=block_v, splits=splits)
+    ref = token_stats_ref(z, t, 0.9)
+    for a, r in zip(out, ref):
+        assert rel_err(a, r) < 2e-6
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(5)
+    z = torch.randn(4, 3, 13, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (4, 3))
+    t[1, 2] = -100
+    w = [torch.randn(4, 3, dtype=torch.float64) for _ in range(4)]
+
+    def f(z):
+        st = erm.token_stats(z, t, temperature=0.6, entropy=True, backend="torch")
+        return sum((o * wi).sum() for o, wi in zip(st, w))
+
+    assert torch.autograd.gradcheck(f, (z,))
+
+
+def test_token_logprobs_is_a_drop_in():
+    torch.manual_seed(6)
+    z = torch.randn(2, 7, 40)
+    t = torch.randint(0, 40, (2, 7))
+    lp = erm.token_logprobs(z, t)
+    ce = -F.cross_entropy(z.flatten(0, 1), t.flatten(), reduction="none").view(2, 7)
+    sel = torch.log_softmax(z, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)  # TRL selective_log_softmax
+    assert torch.allclose(lp, ce, atol=1e-5) and torch.allclose(lp, sel, atol=1e-5)
+    assert erm.token_stats(z, t).entropy is None
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if "triton" in BACKENDS else []))
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(7)
+    z = torch.randn(3, 5, 33, device=DEV, requires_grad=True)
+    t = torch.randint(0, 33, (3, 5), device=DEV)
+
+    def loss(z, t):
+        st = erm.token_stats(z, t, temperature=0.8, entropy=True, backend=backend)
+        return (st.logprob * 2 + st.entropy - st.lse).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    (g1,) = torch.autograd.grad(compiled(z, t), z)
+    (g0,) = torch.autograd.grad(loss(z, t), z)
+    assert torch.allclose(g0, g1, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(targets=torch.tensor([0, 50])), ValueError, "outside"),
+    (dict(targets=torch.tensor([0, -1])), ValueError, "outside"),
+    (dict(targets=torch.tensor([0, 1, 2])), ValueError, "leading shape"),
+    (dict(targets=torch.tensor([0.0, 1.0])), TypeError, "integer"),
+    (dict(logits=torch.ones(2, 50, dtype=torch.long)), TypeError, "float32"),
+    (dict(logits=torch.randn(2, 0)), ValueError, "empty"),
+    (dict(logits=torch.randn(0, 50), targets=torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+    (dict(temperature=0.0), ValueError, "> 0"),
+    (dict(temperature=-1.0), ValueError, "> 0"),
+    (dict(temperature=float("nan")), ValueError, "> 0"),
+    (dict(backend="cuda"), ValueError, "CUDA"),
+    (dict(backend="bogus"), ValueError, "backend"),
+])
+def test_bad_input(bad, exc, match, monkeypatch):
+    launched = []
+    monkeypatch.setattr(torch_impl, "forward", lambda *a, **k: launched.append(1))
+    args = dict(logits=torch.randn(2, 50), targets=torch.tensor([0, 1]), temperature=1.0)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        erm.token_stats(args.pop("logits"), args.pop("targets"), **args)
+    assert not launched
+
+
+def test_backends_report():
+    b = erm.backends()
+    assert b["torch"] is True and set(b) >= {"cuda", "triton", "torch"}
