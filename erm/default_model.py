@@ -141,6 +141,7 @@ def convert(dest: Optional[Path] = None) -> Path:
     _fix_model(model, tok)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=str(dest.parent)))
     try:
+        os.chmod(tmp, 0o755)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / "erm_converted.txt").write_text(_FORMAT + "\n")

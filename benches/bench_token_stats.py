@@ -1,0 +1,117 @@
+"""Benchmark erm.token_stats (forward and forward+backward) against its peers, in one run.
+
+    python benches/bench_token_stats.py                     # N=8192, V=151936, bf16 on the GPU
+    python benches/bench_token_stats.py --device cpu --n 256 --v 32000 --dtype float32   # smoke
+
+Floors, measured in the same run: forward = reading the logits once at the measured copy
+bandwidth; forward+backward = three passes over the logits (read, read, write the gradient).
+Every op computes logprob, lse and entropy per token (the peers that cannot do entropy,
+Liger cross-entropy, are timed on what they do compute and marked). Median of --reps runs.
+"""
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
+
+import erm  # noqa: E402
+
+
+def eager_stats(z, t):
+    zf = z.float()
+    lse = torch.logsumexp(zf, -1)
+    logp = zf - lse.unsqueeze(-1)
+    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, lse, ent
+
+
+def make_cases(device, with_compile=True):
+    cases = {}
+    for b in ("cuda", "triton", "torch"):
+        if b == "cuda" and not erm.backends()["cuda"]:
+            continue
+        if b == "triton" and not erm.backends()["triton"]:
+            continue
+        if b == "torch" and device.type == "cuda":
+            continue  # the chunked torch backend is the CPU path
+        cases[f"erm ({b})"] = lambda z, t, b=b: tuple(
+            x for x in erm.token_stats(z, t, entropy=True, backend=b) if x is not None)
+    cases["torch eager"] = eager_stats
+    if with_compile:
+        cases["torch.compile"] = torch.compile(eager_stats, dynamic=False)
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+        ce = LigerCrossEntropyLoss(reduction="none")
+        cases["liger cross_entropy (no entropy)"] = lambda z, t: (-ce(z, t),)
+    except Exception:
+        pass
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    z = (torch.randn(args.n, args.v, device=dev) * 3).to(dtype)
+    t = torch.randint(0, args.v, (args.n,), device=dev)
+    w = [torch.randn(args.n, device=dev) for _ in range(3)]
+    nbytes = z.numel() * z.element_size()
+    bw = copy_bandwidth(dev)
+    floor_f = nbytes / bw
+    floor_fb = 3 * nbytes / bw
+    rows = []
+    for name, fn in make_cases(dev, not args.no_compile).items():
+        zg = z.clone().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                fn(z, t)
+
+        def fwdbwd():
+            outs = fn(zg, t)
+            loss = sum((o * wi).sum() for o, wi in zip(outs, w))
+            loss.backward()
+            zg.grad = None
+
+        try:
+            f_ms = time_ms(fwd, dev, reps=args.reps)
+            fb_ms = time_ms(fwdbwd, dev, reps=args.reps)
+            mem = peak_extra_mib(fwdbwd, dev, torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0)
+        except Exception as exc:  # a peer that fails is reported, not fatal
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        rows.append(dict(name=name, fwd_ms=f_ms, fwd_ratio=f_ms / floor_f, fwdbwd_ms=fb_ms,
+                         fwdbwd_ratio=fb_ms / floor_fb, extra_mib=mem))
+    meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n, v=args.v,
+                dtype=args.dtype, copy_gbps=bw / 1e6, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb,
+                torch=torch.__version__, reps=args.reps)
+    print(f"\n{meta['device']}, {meta['date']}, N={args.n}, V={args.v}, {args.dtype}; copy "
+          f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
+          f"{floor_fb:.3f} ms (three passes); median of {args.reps}")
+    print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
+              f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Timing helpers shared by the benches: median of many runs, floors measured in the same run."""
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, *, warmup=5, reps=30):
+    """Median wall time of fn() in ms (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes=2 * 2**30):
+    """Device-to-device copy bandwidth in bytes/ms, counting bytes read plus bytes written."""
+    nbytes = min(nbytes, 256 * 2**20) if device.type == "cpu" else nbytes
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
+    return 2 * nbytes / ms
+
+
+def peak_extra_mib(fn, device, base_bytes):
+    """Peak memory allocated during fn() beyond `base_bytes`, in MiB (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**20
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

