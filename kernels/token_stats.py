@@ -143,6 +143,17 @@ def _bwd_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent
 
 # ----------------------------------------------------------------------------- launchers
 
+# On a GPU the chunk width and warp count are autotuned per (V, dtype, entropy) — the first call at
+# a new shape pays for the search. Split lengths are multiples of the largest BLOCK_V, so every
+# config tiles every split exactly. The interpreter uses one small fixed config (fast tests).
+_MAX_BLOCK = 8192
+_FWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (2048, 4096, 8192) for w in (4, 8, 16)
+                if b // (32 * w) >= 8]
+_BWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)
+                if b // (32 * w) >= 8]
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["V", "SPLITS", "WITH_ENT"])(_fwd_kernel)
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HAS_ENT"])(_bwd_kernel)
+
 
 def _layout(logits):
     """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner) without copying when possible."""
@@ -169,12 +180,12 @@ def _sm_count(device) -> int:
 
 def _plan(n, v, device, block_v, splits):
     if block_v is None:
-        block_v = 4096 if device.type == "cuda" else 64
+        block_v = _MAX_BLOCK if device.type == "cuda" else 64
     if splits is None:
         want = 4 * _sm_count(device)  # programs in flight to cover the memory latency
         splits = 1
         if n < want:
-            max_splits = max(1, v // (4 * block_v))  # keep ≥ 4 chunks per split
+            max_splits = max(1, v // block_v)  # at least one full chunk per split
             splits = min(max_splits, triton.next_power_of_2(math.ceil(want / n)))
             splits = 1 << (splits.bit_length() - 1)  # power of two for the combine kernel
     split_len = triton.cdiv(triton.cdiv(v, splits), block_v) * block_v
@@ -189,6 +200,7 @@ def forward(logits, targets, alpha, ignore_index, with_entropy, *, block_v=None,
     (0,) tensor unless `with_entropy`. `block_v` / `splits` override the launch plan (tests)."""
     z, n, v, inner, s_out, s_in = _layout(logits)
     dev = logits.device
+    fixed_block = block_v is not None  # tests pin the block; else autotuned on GPU
     t = targets.reshape(-1).contiguous()
     outs = [_empty(n, dtype=torch.float32, device=dev) for _ in range(3)]
     ent = _empty(n if with_entropy else 0, dtype=torch.float32, device=dev)
@@ -198,11 +210,14 @@ def forward(logits, targets, alpha, ignore_index, with_entropy, *, block_v=None,
         ws[:, :, 0] = float("-inf")  # splits past the end of V (power-of-two padding) merge as empty
         ws[:, :, 1:] = 0.0
     ent_arg = ent if with_entropy else outs[0]
-    nw = 8 if dev.type == "cuda" else 1
-    _fwd_kernel[(n, triton.cdiv(v, split_len))](
-        z, t, outs[0], outs[1], outs[2], ent_arg, ws, v, inner, s_out, s_in, 1.0 / alpha,
-        ignore_index, split_len, SPLITS=n_splits, BLOCK_V=block_v, WITH_ENT=with_entropy,
-        num_warps=nw)
+    grid = (n, triton.cdiv(v, split_len))
+    args = (z, t, outs[0], outs[1], outs[2], ent_arg, ws, v, inner, s_out, s_in, 1.0 / alpha,
+            ignore_index, split_len)
+    if dev.type == "cuda" and not fixed_block:
+        _fwd_tuned[grid](*args, SPLITS=n_splits, WITH_ENT=with_entropy)
+    else:
+        _fwd_kernel[grid](*args, SPLITS=n_splits, BLOCK_V=block_v, WITH_ENT=with_entropy,
+                          num_warps=8 if dev.type == "cuda" else 1)
     if n_splits > 1:
         _combine_kernel[(n,)](z, t, outs[0], outs[1], outs[2], ent_arg, ws, inner, s_out, s_in,
                               1.0 / alpha, ignore_index, SPLITS=n_splits, WITH_ENT=with_entropy)
@@ -218,16 +233,19 @@ def backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_
     z, n, v, inner, s_out, s_in = _layout(logits)
     dev = logits.device
     dz = _empty(logits.shape, dtype=logits.dtype, device=dev)
-    if block_v is None:
-        block_v = 4096 if dev.type == "cuda" else 64
     t = targets.reshape(-1).contiguous()
     flat = lambda g: None if g is None else g.reshape(-1).contiguous()  # noqa: E731
     lse_f = flat(lse)
     dummy = lse_f
     args = [flat(g) if g is not None else dummy for g in (g_lp, g_lse, g_tl, g_ent)]
     ent_f = flat(ent) if g_ent is not None else dummy
-    _bwd_kernel[(n, triton.cdiv(v, block_v))](
-        z, t, lse_f, ent_f, *args, dz, v, inner, s_out, s_in, 1.0 / alpha, ignore_index,
-        HAS_LP=g_lp is not None, HAS_LSE=g_lse is not None, HAS_TL=g_tl is not None,
-        HAS_ENT=g_ent is not None, BLOCK_V=block_v, num_warps=8 if dev.type == "cuda" else 1)
+    kargs = (z, t, lse_f, ent_f, *args, dz, v, inner, s_out, s_in, 1.0 / alpha, ignore_index)
+    flags = dict(HAS_LP=g_lp is not None, HAS_LSE=g_lse is not None, HAS_TL=g_tl is not None,
+                 HAS_ENT=g_ent is not None)
+    if dev.type == "cuda" and block_v is None:
+        _bwd_tuned[lambda meta: (n, triton.cdiv(v, meta["BLOCK_V"]))](*kargs, **flags)
+    else:
+        block_v = block_v or 64
+        _bwd_kernel[(n, triton.cdiv(v, block_v))](*kargs, **flags, BLOCK_V=block_v,
+                                                  num_warps=8 if dev.type == "cuda" else 1)
     return dz

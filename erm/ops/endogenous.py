@@ -61,32 +61,46 @@ def endogenous_rewards(logits: Tensor, input_ids: Tensor, *, response_mask: Opti
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     ids = _checks.check_targets(input_ids, logits.shape[:-1], logits.device, name="input_ids")
     alpha = _checks.check_alpha(alpha, "alpha")
+    mask, term, nxt = _reward_setup(ids, logits.shape[-1], response_mask, gamma, terminated)
+    st = token_stats(logits, nxt, temperature=alpha, ignore_index=_IGNORE, backend=backend)
+    return _rewards_from_stats(st, mask, term, alpha, gamma)
+
+
+def _reward_setup(ids: Tensor, v: int, response_mask, gamma, terminated):
+    """Validate the reward arguments for (B, T) ids over a vocabulary of v; return the response
+    mask, the (B,) terminated flags and the next-token targets (shared with
+    `erm.linear_endogenous_rewards`)."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
-    b, t, v = logits.shape
+    b, t = ids.shape
+    device = ids.device
     if response_mask is None:
-        mask = torch.ones(b, t, dtype=torch.bool, device=logits.device)
+        mask = torch.ones(b, t, dtype=torch.bool, device=device)
         mask[:, 0] = False
     else:
         if not isinstance(response_mask, Tensor) or tuple(response_mask.shape) != (b, t):
             raise ValueError(f"response_mask must be a (B, T) = {(b, t)} tensor")
-        mask = response_mask.to(device=logits.device, dtype=torch.bool)
+        mask = response_mask.to(device=device, dtype=torch.bool)
         if bool(mask[:, 0].any()):
             raise ValueError("response_mask marks position 0, which has no preceding state")
     if isinstance(terminated, Tensor):
         if terminated.shape != (b,):
             raise ValueError(f"terminated must be a bool or a (B,) = ({b},) tensor")
-        term = terminated.to(device=logits.device, dtype=torch.bool)
+        term = terminated.to(device=device, dtype=torch.bool)
     else:
-        term = torch.full((b,), bool(terminated), dtype=torch.bool, device=logits.device)
+        term = torch.full((b,), bool(terminated), dtype=torch.bool, device=device)
     _checks.check_target_range(ids, v, ignore_index=-(2**62), name="input_ids")
-
     # next-token targets: position t scores input_ids[t+1]; the last position has none
     nxt = torch.cat([ids[:, 1:], torch.full((b, 1), _IGNORE, dtype=ids.dtype, device=ids.device)], 1)
-    st = token_stats(logits, nxt, temperature=alpha, ignore_index=_IGNORE, backend=backend)
+    return mask, term, nxt
+
+
+def _rewards_from_stats(st, mask: Tensor, term: Tensor, alpha: float, gamma: float) -> Tensor:
+    """(B, T) rewards from the token stats of the next-token targets (see `_reward_setup`)."""
+    b, t = mask.shape
     value = alpha * st.lse                                            # V(s_{t+1}) at index t
     q = torch.cat([st.target_logit.new_zeros(b, 1), st.target_logit[:, :-1]], 1)  # z_{t-1}[a_t]
-    pos = torch.arange(t, device=logits.device)
+    pos = torch.arange(t, device=mask.device)
     last = (mask * pos).amax(dim=1, keepdim=True)                     # last response position
     is_last = mask & (pos == last)
     next_value = torch.where(is_last & term.unsqueeze(1), torch.zeros_like(value), value)

@@ -1,0 +1,6 @@
+"""`python -m erm ...` runs the `erm` command line (see erm/cli.py)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
