@@ -59,7 +59,7 @@ def _configs():
     cfgs = []
     for bn, bv, bd, w, s in [
         (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (256, 256, 64, 8, 3),
+        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (256, 128, 64, 8, 4),
         (128, 64, 128, 4, 4),
     ]:
         cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w,
@@ -81,7 +81,8 @@ def _pid_map(pid, nb, n_cols, GROUP: tl.constexpr):
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
     """z[rows, cols] = hidden[rows] @ weight[cols].T (+ bias) as a float32 (BLOCK_N, BLOCK_V) tile.
     rows/cols are clamped in-range int64 indices, so no row/col masks are needed on the loads."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -96,6 +97,9 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
             dm = (d0 + offs_d) < D
             h = tl.load(h_ptrs, mask=dm[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=dm[:, None], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bfloat16 (products are exact in fp32)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
@@ -114,6 +118,7 @@ def _heuristics(fn):
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
                 N, V, D, stride_h, stride_w, inv_alpha, v_chunk, n_chunks,
                 HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr,
                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     nb = tl.cdiv(N, BLOCK_N)
@@ -134,7 +139,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
         col_ok = cols < V
         cols_c = tl.minimum(cols, V - 1).to(tl.int64)
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
-                         BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION)
+                         BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
         tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
         x = tl.where(col_ok[None, :], z * inv_alpha, neg_inf)
@@ -178,6 +183,7 @@ def _dz_tile(z, rows, cols, row_ok, col_ok, tgt, lse, c, gh, ent, tw, inv_alpha,
 def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr, dz_ptr,
                N, V, D, stride_h, stride_w, stride_dz, inv_alpha, v_lo, v_len,
                HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr,
                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """dz[:, j − v_lo] for the columns j in [v_lo, v_lo + v_len), from recomputed logit tiles."""
@@ -191,7 +197,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
     col_ok = local < v_len
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
-                     BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION)
+                     BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
     dz = _dz_tile(z, rows, cols, row_ok, col_ok, tl.load(t_ptr + rows_c), tl.load(lse_ptr + rows_c),
                   tl.load(c_ptr + rows_c), tl.load(gh_ptr + rows_c), tl.load(ent_ptr + rows_c),
                   tl.load(tw_ptr + rows_c), inv_alpha, WITH_ENT)
@@ -206,6 +212,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
 def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
                        dh_ptr, dw_ptr, db_ptr, N, V, D, stride_h, stride_w, inv_alpha,
                        HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr,
                        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
@@ -219,7 +226,7 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_p
     col_ok = cols < V
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
-                     BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION)
+                     BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
     dz = _dz_tile(z, rows, cols, row_ok, col_ok, tl.load(t_ptr + rows_c), tl.load(lse_ptr + rows_c),
                   tl.load(c_ptr + rows_c), tl.load(gh_ptr + rows_c), tl.load(ent_ptr + rows_c),
                   tl.load(tw_ptr + rows_c), inv_alpha, WITH_ENT)
@@ -232,12 +239,16 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_p
         dm = d < D
         if NEED_H:
             w = tl.load(w_ptr + cols_c[:, None] * stride_w + d[None, :], mask=dm[None, :], other=0.0)
-            part = tl.dot(dzc, w, input_precision=PRECISION)
+            if UPCAST:
+                w = w.to(tl.float32)
+            part = tl.dot(dzc.to(w.dtype), w, input_precision=PRECISION)
             tl.atomic_add(dh_ptr + rows_c[:, None] * D + d[None, :], part,
                           mask=row_ok[:, None] & dm[None, :])
         if NEED_W:
             h = tl.load(h_ptr + rows_c[:, None] * stride_h + d[None, :], mask=dm[None, :], other=0.0)
-            part = tl.dot(tl.trans(dzc), h, input_precision=PRECISION)
+            if UPCAST:
+                h = h.to(tl.float32)
+            part = tl.dot(tl.trans(dzc.to(h.dtype)), h, input_precision=PRECISION)
             tl.atomic_add(dw_ptr + cols_c[:, None] * D + d[None, :], part,
                           mask=col_ok[:, None] & dm[None, :])
 
@@ -257,7 +268,11 @@ def _prep(hidden, weight, bias):
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 or _upcast(dtype) else "tf32"
+
+
+def _upcast(dtype):
+    return INTERPRET and dtype == torch.bfloat16
 
 
 def _n_sms(device):
@@ -294,7 +309,8 @@ def forward(hidden, weight, bias, targets, alpha: float, ignore_index: int, with
     _fwd_kernel[grid](hidden, weight, bias if bias is not None else hidden, targets, m, s, w, tz,
                       n, v, d, hidden.stride(0), weight.stride(0), 1.0 / alpha, chunk, n_chunks,
                       HAS_BIAS=bias is not None, WITH_ENT=with_entropy,
-                      PRECISION=_precision(hidden.dtype), GROUP=GROUP_N)
+                      PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype),
+                      GROUP=GROUP_N)
     # combine the per-chunk partials (O(chunks·N))
     mx = m.amax(dim=0)
     mx = torch.where(torch.isfinite(mx), mx, 0.0)
@@ -335,11 +351,15 @@ def _row_coefs(targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
 _OUT_DTYPE_OK = None
 
 
+def _f32_gemm_ok(a):
+    return a.device.type == "cuda" and a.dtype != torch.float32 and _OUT_DTYPE_OK is not False
+
+
 def _addmm_f32(acc, a, b):
     """acc (float32) += a @ b, with a float32 GEMM output on CUDA for 16-bit inputs (cuBLAS
     `out_dtype`, torch >= 2.8); elsewhere the product is rounded to the input dtype first."""
     global _OUT_DTYPE_OK
-    if acc.device.type == "cuda" and a.dtype != torch.float32 and _OUT_DTYPE_OK is not False:
+    if _f32_gemm_ok(a):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             _OUT_DTYPE_OK = True
@@ -347,6 +367,20 @@ def _addmm_f32(acc, a, b):
         except (RuntimeError, TypeError):
             _OUT_DTYPE_OK = False
     acc += (a @ b).float()
+
+
+def _mm_into(out, a, b):
+    """out = a @ b with the K reduction in float32 also for 16-bit inputs on CUDA (cuBLAS may
+    otherwise reduce split-K partials in bf16/fp16), rounded once to out's dtype."""
+    global _OUT_DTYPE_OK
+    if _f32_gemm_ok(a):
+        try:
+            out.copy_(torch.mm(a, b, out_dtype=torch.float32))
+            _OUT_DTYPE_OK = True
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK = False
+    torch.mm(a, b, out=out)
 
 
 def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha: float,
@@ -366,7 +400,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, 
     targets = targets.contiguous()
     b_arg = bias if bias is not None else hidden
     common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, PRECISION=_precision(dt),
-                  GROUP=GROUP_N)
+                  UPCAST=_upcast(dt), GROUP=GROUP_N)
     empty = lambda t: torch.empty(0, dtype=t.dtype, device=dev)  # noqa: E731
 
     if not deterministic:
@@ -402,7 +436,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, 
                          v_lo, v_len, **common)
         dzc = dz[:, :v_len]
         if need_w:
-            torch.mm(dzc.t(), hidden, out=gw[v_lo:v_lo + v_len])
+            _mm_into(gw[v_lo:v_lo + v_len], dzc.t(), hidden)
         if need_b:
             gb[v_lo:v_lo + v_len] = dzc.sum(dim=0, dtype=torch.float32)
         if need_h:

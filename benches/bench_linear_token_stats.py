@@ -1,0 +1,159 @@
+"""Benchmark erm.linear_token_stats (LM head fused with the token statistics) against its peers.
+
+    python benches/bench_linear_token_stats.py                       # N=8192, D=3584, V=151936 bf16
+    python benches/bench_linear_token_stats.py --n 256 --d 256 --v 4096 --reps 20   # small
+    python benches/bench_linear_token_stats.py --device cpu --n 16 --d 32 --v 500 --dtype float32 \
+        --reps 2 --no-compile                                       # CPU smoke (torch backend)
+
+A GPU script: without CUDA (and without an explicit --device cpu) it prints a message and exits.
+Every op starts from hidden (N, D) and the LM-head weight (V, D). erm, torch eager and
+torch.compile compute logprob, lse and entropy per token; Liger's LigerFusedLinearCrossEntropyLoss
+and cut-cross-entropy's linear_cross_entropy (timed when importable) compute the per-token
+cross-entropy only, and are marked so. Backward: Σ_k (out_k · u_k) for random u_k, gradients
+w.r.t. hidden and weight.
+
+Floor, measured in the same run: the bare `hidden @ weight.T` matmul (cuBLAS, output in the input
+dtype); forward = 1 matmul, forward+backward = 3 matmuls (logits, grad_hidden, grad_weight).
+Times: median of --reps runs (≥ 20 on GPU) after warm-up, with torch.cuda.Event timing. Peak
+extra memory = torch.cuda.max_memory_allocated during one forward+backward minus what was
+allocated before (inputs) and the gradients it returns.
+"""
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import device_name, peak_extra_mib, sync, time_ms  # noqa: E402
+
+import erm  # noqa: E402
+
+
+def eager_stats(h, w, t):
+    zf = (h @ w.t()).float()
+    lse = torch.logsumexp(zf, -1)
+    logp = zf - lse.unsqueeze(-1)
+    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, lse, ent
+
+
+def make_cases(device, with_compile=True):
+    cases = {}
+    if device.type == "cuda":
+        cases["erm (triton)"] = lambda h, w, t: tuple(
+            x for x in erm.linear_token_stats(h, w, t, entropy=True, backend="triton")
+            if x is not None)
+        cases["erm (triton, deterministic=False)"] = lambda h, w, t: tuple(
+            x for x in erm.linear_token_stats(h, w, t, entropy=True, backend="triton",
+                                              deterministic=False) if x is not None)
+    else:
+        cases["erm (torch)"] = lambda h, w, t: tuple(
+            x for x in erm.linear_token_stats(h, w, t, entropy=True, backend="torch")
+            if x is not None)
+    cases["torch eager"] = eager_stats
+    if with_compile:
+        cases["torch.compile"] = torch.compile(eager_stats, dynamic=False)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        flce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        cases["liger fused linear CE (CE only)"] = lambda h, w, t: (-flce(w, h, t),)
+    except Exception:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+        cases["cut-cross-entropy (CE only)"] = lambda h, w, t: (
+            -linear_cross_entropy(h, w, t, reduction="none"),)
+    except Exception:
+        pass
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=3584)
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.device is None:
+        if not torch.cuda.is_available():
+            print("bench_linear_token_stats: no CUDA device; this is a GPU benchmark "
+                  "(pass --device cpu for a smoke run)")
+            return []
+        args.device = "cuda"
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    h = (torch.randn(args.n, args.d, device=dev)).to(dtype)
+    w = (torch.randn(args.v, args.d, device=dev) / args.d ** 0.5 * 3).to(dtype)
+    t = torch.randint(0, args.v, (args.n,), device=dev)
+    u = [torch.randn(args.n, device=dev) for _ in range(3)]
+
+    floor_mm = time_ms(lambda: h @ w.t(), dev, warmup=args.warmup, reps=args.reps)
+    floor_f, floor_fb = floor_mm, 3 * floor_mm
+    grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+    rows = []
+    for name, fn in make_cases(dev, not args.no_compile).items():
+        hg = h.clone().requires_grad_(True)
+        wg = w.clone().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                fn(h, w, t)
+
+        def fwdbwd():
+            outs = fn(hg, wg, t)
+            loss = sum((o.float() * ui).sum() for o, ui in zip(outs, u))
+            loss.backward()
+            hg.grad = None
+            wg.grad = None
+
+        try:
+            f_ms = time_ms(fwd, dev, warmup=args.warmup, reps=args.reps)
+            fb_ms = time_ms(fwdbwd, dev, warmup=args.warmup, reps=args.reps)
+            if dev.type == "cuda":
+                sync(dev)
+                base = torch.cuda.memory_allocated(dev) + grad_bytes
+
+                def keep_grads():  # the returned gradients count as outputs, not as extra
+                    outs = fn(hg, wg, t)
+                    sum((o.float() * ui).sum() for o, ui in zip(outs, u)).backward()
+
+                mem = peak_extra_mib(keep_grads, dev, base)
+                hg.grad = wg.grad = None
+            else:
+                mem = float("nan")
+        except Exception as exc:  # a peer that fails (or runs out of memory) is reported
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        rows.append(dict(name=name, fwd_ms=f_ms, fwd_ratio=f_ms / floor_f, fwdbwd_ms=fb_ms,
+                         fwdbwd_ratio=fb_ms / floor_fb, extra_mib=mem))
+    meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n,
+                d=args.d, v=args.v, dtype=args.dtype, matmul_ms=floor_mm, floor_fwd_ms=floor_f,
+                floor_fwdbwd_ms=floor_fb, torch=torch.__version__, reps=args.reps)
+    print(f"\n{meta['device']}, {meta['date']}, N={args.n}, D={args.d}, V={args.v}, {args.dtype}; "
+          f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
+          f"{floor_fb:.3f} ms); median of {args.reps}")
+    print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
+              f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
