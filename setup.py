@@ -18,6 +18,24 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _fix_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; an nvcc wrapper script outside the toolkit (e.g.
+    /usr/local/bin/nvcc) misleads it into a prefix without headers or libraries. When that happens
+    and CUDA_HOME/CUDA_PATH are unset, point CUDA_HOME at a toolkit that has them."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    has_headers = lambda d: os.path.exists(os.path.join(d, "include", "cuda_runtime.h"))  # noqa: E731
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or has_headers(os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
+        return
+    for cand in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if has_headers(cand) and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) when it is skipped."""
     flag = os.environ.get("ERM_BUILD_CUDA", "auto").strip().lower()
@@ -25,6 +43,7 @@ def _cuda_extension():
         return [], {}
     forced = flag in ("1", "true", "yes", "on")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    _fix_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -51,8 +70,8 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            "cxx": ["-O3"],  # the C++ standard comes from torch (C++20 for torch >= 2.10)
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

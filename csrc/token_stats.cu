@@ -344,12 +344,22 @@ __device__ __forceinline__ float grad_elem(float z, const RowGrad& r) {
 }
 
 template <DType D>
+__device__ __forceinline__ void bwd_block(const BwdArgs& a, int64_t bid, int chunks, int64_t chunk);
+
+template <DType D>
 __global__ void __launch_bounds__(kBwdMaxThreads)
     bwd_kernel(const BwdArgs a, const int chunks, const int64_t chunk) {
+  const int64_t total = a.n * chunks;
+  for (int64_t bid = blockIdx.x; bid < total; bid += gridDim.x) bwd_block<D>(a, bid, chunks, chunk);
+}
+
+// One (row, vocabulary chunk) of the backward, by the whole CTA.
+template <DType D>
+__device__ __forceinline__ void bwd_block(const BwdArgs& a, const int64_t bid, const int chunks,
+                                          const int64_t chunk) {
   using E = Elem<D>;
   using T = typename E::T;
   constexpr int V = E::kVec;
-  const int64_t bid = blockIdx.x;
   const int64_t row = bid / chunks;
   const int64_t cidx = bid - row * chunks;
   const T* in = static_cast<const T*>(a.logits) + row_offset(row, a.layout);
@@ -484,7 +494,9 @@ int sm_count(int device) {
 
 FwdPlan plan_forward(int64_t n, int64_t v, DType dtype, int device) {
   FwdPlan pl{1, v, 0};
-  const int64_t want_ctas = 2 * static_cast<int64_t>(sm_count(device));
+  // Split the vocabulary when rows alone give fewer than ~4 CTAs per SM: below that, whole SMs idle
+  // (n < #SMs) or the last wave is badly unbalanced (e.g. 300 rows on 132 SMs: 3 vs 2 per SM).
+  const int64_t want_ctas = 4 * static_cast<int64_t>(sm_count(device));
   if (n < want_ctas) {
     const int64_t min_chunk = kMinSplitBytes / elem_size(dtype);
     const int64_t want = cdiv(want_ctas, n);
@@ -523,7 +535,8 @@ void launch_backward(const BwdArgs& a, int device, cudaStream_t stream) {
   const int64_t chunks = cdiv(a.v, chunk);
   const int threads =
       threads_for(cdiv(std::min<int64_t>(chunk, a.v), vec), kBwdUnroll, 64, kBwdMaxThreads);
-  const unsigned int grid = static_cast<unsigned int>(a.n * chunks);
+  // grid-stride over (row, chunk) blocks beyond 2^31 − 1 of them
+  const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(a.n * chunks, 0x7fffffff));
   switch (a.dtype) {
     case DType::kFloat32:
       bwd_kernel<DType::kFloat32><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk);

@@ -55,8 +55,9 @@ def backends() -> dict:
     }
 
 
-def resolve(backend: str, device) -> str:
-    """Map a requested backend name to the one that will run for tensors on `device`."""
+def resolve(backend: str, device, dtype=None) -> str:
+    """Map a requested backend name to the one that will run for tensors on `device` (float64
+    tensors go to torch under "auto": the kernels are for float32 and narrower)."""
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
@@ -65,7 +66,11 @@ def resolve(backend: str, device) -> str:
             raise ValueError(f"ERM_BACKEND must be one of {NAMES}, got {backend!r}")
     on_cuda = getattr(device, "type", str(device)) == "cuda"
     if backend == "auto":
-        if on_cuda and cuda_extension() is not None:
+        import torch
+
+        if dtype == torch.float64:
+            choice = "torch"
+        elif on_cuda and cuda_extension() is not None:
             choice = "cuda"
         elif on_cuda and _has_triton():
             choice = "triton"

@@ -96,14 +96,14 @@ def _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, 
 # dispatch and the torch.library ops
 
 
-def _backend(backend: str, device) -> str:
+def _backend(backend: str, device, dtype=None) -> str:
     """torch | triton for this op: there is no CUDA C++ kernel of it, so "cuda" (or "auto" picking
     the CUDA extension) runs the Triton kernels."""
     if backend == "cuda":
         if getattr(device, "type", str(device)) != "cuda":
             raise ValueError("backend='cuda' needs CUDA tensors")
         backend = "triton"
-    name = dispatch.resolve(backend, device)
+    name = dispatch.resolve(backend, device, dtype)
     return "triton" if name == "cuda" else name
 
 
@@ -117,7 +117,7 @@ def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            alpha: float, ignore_index: int, with_entropy: bool, deterministic: bool,
                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.check_target_range(targets, weight.shape[0], ignore_index)
-    name = _backend(backend, hidden.device)
+    name = _backend(backend, hidden.device, hidden.dtype)
     _check_dtype_backend(hidden, name)
     if name == "torch":
         fwd = _torch_forward
@@ -142,7 +142,7 @@ def _linear_token_stats_backward_op(
         g_ent: Optional[Tensor], alpha: float, ignore_index: int, need_hidden: bool,
         need_weight: bool, need_bias: bool, deterministic: bool,
         backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    name = _backend(backend, hidden.device)
+    name = _backend(backend, hidden.device, hidden.dtype)
     _check_dtype_backend(hidden, name)
     cast = lambda g: None if g is None else g.to(_acc_dtype(hidden)).contiguous()  # noqa: E731
     g_lp, g_lse, g_tl, g_ent = cast(g_lp), cast(g_lse), cast(g_tl), cast(g_ent)

@@ -90,7 +90,7 @@ def _compute_dtype_ok(logits, name):
 def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: int,
                     with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.check_target_range(targets, logits.shape[-1], ignore_index)
-    name = dispatch.resolve(backend, logits.device)
+    name = dispatch.resolve(backend, logits.device, logits.dtype)
     _compute_dtype_ok(logits, name)
     fwd, _ = _impl(name)
     return tuple(fwd(logits, targets, alpha, ignore_index, with_entropy))
@@ -109,7 +109,7 @@ def _token_stats_backward_op(logits: Tensor, targets: Tensor, lse: Tensor, ent: 
                              g_lp: Optional[Tensor], g_lse: Optional[Tensor],
                              g_tl: Optional[Tensor], g_ent: Optional[Tensor], alpha: float,
                              ignore_index: int, backend: str) -> Tensor:
-    name = dispatch.resolve(backend, logits.device)
+    name = dispatch.resolve(backend, logits.device, logits.dtype)
     _compute_dtype_ok(logits, name)
     _, bwd = _impl(name)
     cast = lambda g: None if g is None else g.to(_out_dtype(logits)).contiguous()  # noqa: E731
