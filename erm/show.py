@@ -11,6 +11,7 @@ in a monospace font, with wrapped lines and a colour bar.
 """
 import html
 import math
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -79,7 +80,8 @@ def _floats(t) -> List[float]:
 
 def _model_name(rm) -> str:
     cfg = getattr(getattr(rm, "model", None), "config", None)
-    return str(getattr(rm, "name_or_path", None) or getattr(cfg, "_name_or_path", "") or "")
+    name = str(getattr(rm, "name_or_path", None) or getattr(cfg, "_name_or_path", "") or "")
+    return Path(name).name if name.startswith(("/", ".", "~")) else name
 
 
 def render_html(prompt, response: str, token_rewards, sentences, *, vmax: Optional[float] = None,
@@ -88,7 +90,8 @@ def render_html(prompt, response: str, token_rewards, sentences, *, vmax: Option
     token for its reward, log-prob and soft value), a colour legend and the sentence rewards."""
     tr = token_rewards
     rewards, logprobs = _floats(tr.rewards), _floats(tr.logprobs)
-    values = _floats(tr.values) if getattr(tr, "values", None) is not None else [math.nan] * len(rewards)
+    values = _floats(tr.values) if getattr(tr, "values", None) is not None \
+        else [math.nan] * len(rewards)
     vmax = vmax or auto_vmax(rewards)
     esc = html.escape
     spans = []
@@ -267,7 +270,9 @@ def render_png(prompt, response: str, token_rewards, sentences, path, *,
                 ax.text(9, y + 0.5, text[9:], **kw)
             else:
                 ax.text(0, y + 0.5, text, **kw)
-        fig.savefig(path, dpi=dpi, facecolor="white")
+        with warnings.catch_warnings():  # characters outside the font render as boxes
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
+            fig.savefig(path, dpi=dpi, facecolor="white")
     finally:
         plt.close(fig)
 

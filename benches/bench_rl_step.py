@@ -1,0 +1,162 @@
+"""Step time and peak memory of one RL policy update: fused LM-head token stats vs plain logits.
+
+One update = forward of the policy over B×T tokens, per-token log-probs + entropy at temperature
+α, the erm.rl loss (PPO-clip surrogate + k3 KL to fixed reference log-probs − entropy bonus),
+backward. Two ways to get the log-probs and entropies:
+
+* fused: final hidden states (B, T, D) → `erm.linear_token_stats(hidden, lm_head.weight, ...)`:
+  no (B, T, V) logits tensor, forward or backward (what erm.rl does);
+* plain: `model(ids).logits` (B, T, V) → float32 → log_softmax → gather, entropy = −Σ p·log p
+  (what a straightforward RL loop does).
+
+Default shape: Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864,
+vocab 151936, tied embeddings), random weights in bf16, a batch of 8×1024 tokens.
+
+    python benches/bench_rl_step.py                       # needs a CUDA GPU
+    python benches/bench_rl_step.py --layers 2 --batch 2 --seq 256    # smoke run
+
+Prints a markdown table (median step time, peak memory allocated, tokens/s) and the relative
+difference of the two losses.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_model(args, device, dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      intermediate_size=args.intermediate, vocab_size=args.vocab,
+                      max_position_embeddings=max(args.seq, 2048), tie_word_embeddings=True,
+                      rope_theta=1e6)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).train()
+
+
+def fused_stats(model, ids, alpha):
+    import erm
+
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    st = erm.linear_token_stats(hidden, model.get_output_embeddings().weight, ids[:, 1:],
+                                temperature=alpha, entropy=True)
+    return st.logprob, st.entropy
+
+
+def plain_stats(model, ids, alpha):
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float() / alpha
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def run(args):
+    from erm.rl import ppo_loss
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    b, t = args.batch, args.seq
+    ids = torch.randint(0, args.vocab, (b, t), generator=g).to(device)
+    ref = (-torch.rand(b, t - 1, generator=g) * 8).to(device)     # fixed reference log-probs
+    adv = torch.randn(b, t - 1, generator=g).to(device)
+    mask = torch.ones(b, t - 1, dtype=torch.bool, device=device)
+    mask[:, : t // 4] = False                                       # the prompt part
+    rows, losses = [], {}
+    for name, fn in (("fused (erm.linear_token_stats)", fused_stats),
+                     ("plain (logits → log_softmax)", plain_stats)):
+        def step():
+            model.zero_grad(set_to_none=False)
+            lp, ent = fn(model, ids, args.alpha)
+            loss, _ = ppo_loss(lp, lp.detach(), ref, adv, mask, clip_eps=0.2, kl_coef=0.01,
+                               entropy_coef=0.01, entropy=ent)
+            loss.backward()
+            return loss
+        try:
+            for _ in range(args.warmup):
+                losses[name] = float(step().detach())
+            times = []
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            for _ in range(args.reps):
+                if device.type == "cuda":
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    step()
+                    e1.record()
+                    e1.synchronize()
+                    times.append(e0.elapsed_time(e1))
+                else:
+                    import time
+                    t0 = time.perf_counter()
+                    step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(times)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+            rows.append({"name": name, "ms": ms, "peak_gib": peak, "extra_gib": extra,
+                         "tok_s": b * t / ms * 1e3})
+        except torch.OutOfMemoryError:
+            rows.append({"name": name, "ms": float("nan"), "peak_gib": float("nan"),
+                         "extra_gib": float("nan"), "tok_s": float("nan"), "oom": True})
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, losses
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default); 'cpu' only for smoke runs of the script itself")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_rl_step: needs a CUDA GPU (none found); nothing measured. "
+              "(--device cpu runs a smoke test of the script.)")
+        return []
+    rows, losses = run(args)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"\nOne policy update (fwd+bwd of log-probs + entropy + k3 KL + PPO-clip), "
+          f"{args.batch}×{args.seq} tokens, Qwen2-shape hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {args.vocab}, {args.dtype}, {dev}\n")
+    print("| path | step ms | peak mem GiB | peak above model+grads GiB | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if r.get("oom"):
+            print(f"| {r['name']} | OOM | | | |")
+        else:
+            print(f"| {r['name']} | {r['ms']:.1f} | {r['peak_gib']:.2f} | {r['extra_gib']:.2f} | "
+                  f"{r['tok_s']:.0f} |")
+    if len(losses) == 2:
+        a, b = losses.values()
+        print(f"\nloss fused {a:.6f} vs plain {b:.6f} (rel. diff {abs(a - b) / max(abs(b), 1e-12):.2e})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

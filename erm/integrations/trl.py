@@ -1,0 +1,121 @@
+"""The endogenous reward as a TRL reward function (GRPOTrainer, RLOOTrainer, ...).
+
+    from trl import GRPOConfig, GRPOTrainer
+    from erm.integrations.trl import endogenous_reward_func
+
+    reward = endogenous_reward_func(None)                 # embedded SmolLM2-135M-Instruct
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...),
+                          train_dataset=ds)
+
+TRL calls a reward function as `f(prompts=..., completions=..., completion_ids=..., **columns)`
+and logs it under `f.__name__`. Both dataset formats work:
+
+* standard: prompts and completions are strings; a prompt is scored as one user turn of the
+  reward model's chat template (the raw text otherwise);
+* conversational: prompts are message lists, completions are [{"role": "assistant",
+  "content": ...}] lists (the assistant contents are joined).
+
+Scoring is delegated to `erm.EndoRM.score` (length-bucketed batches, the fused LM-head op): each
+completion is closed by the template's end-of-turn token and scored as a terminated episode, also
+when TRL cut it at max_completion_length. This module does not import trl.
+"""
+from typing import Callable, List, Optional, Sequence
+
+__all__ = ["endogenous_reward_func", "EndogenousRewardFunc"]
+
+
+def _text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):  # conversational: [{"role": "assistant", ...}, ...]
+        return "".join(str(m.get("content", "")) for m in completion
+                       if isinstance(m, dict) and m.get("role", "assistant") == "assistant")
+    raise TypeError(f"a completion must be a string or a list of messages, got "
+                    f"{type(completion).__name__}")
+
+
+def _prompt(prompt):
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        return [{"role": m["role"], "content": _text(m["content"])
+                 if not isinstance(m["content"], str) else m["content"]} for m in prompt]
+    raise TypeError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+
+
+class EndogenousRewardFunc:
+    """Callable `(prompts, completions, **kwargs) -> list[float]` backed by an `erm.EndoRM`.
+
+    Attributes:
+        rm: the EndoRM. reduction: "sum" | "mean". system_prompt: passed to every score call.
+        empty_reward: returned for empty completions (EndoRM cannot score an empty response);
+            None (default) becomes NaN in TRL, which drops it from the reward sum.
+        __name__: "endogenous_reward" (the name TRL logs the reward under).
+    """
+
+    def __init__(self, rm, *, reduction: str = "sum", system_prompt: Optional[str] = None,
+                 empty_reward: Optional[float] = None, name: str = "endogenous_reward"):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.rm = rm
+        self.reduction = reduction
+        self.system_prompt = system_prompt
+        self.empty_reward = empty_reward
+        self.__name__ = name
+
+    def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> List[Optional[float]]:
+        """Score N (prompt, completion) pairs; returns N floats (empty_reward for empty ones)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        texts = [_text(c) for c in completions]
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        out: List[Optional[float]] = [self.empty_reward] * len(texts)
+        if keep:
+            scores = self.rm.score([_prompt(prompts[i]) for i in keep], [texts[i] for i in keep],
+                                   reduction=self.reduction, system_prompt=self.system_prompt,
+                                   progress=False)
+            for i, s in zip(keep, scores.tolist()):
+                out[i] = float(s)
+        return out
+
+    def __repr__(self) -> str:
+        return f"EndogenousRewardFunc({self.rm!r}, reduction={self.reduction!r})"
+
+
+def endogenous_reward_func(model_or_rm=None, tokenizer=None, *, alpha: float = 1.0,
+                           reduction: str = "sum", system_prompt: Optional[str] = None,
+                           batch_size: int = 8, empty_reward: Optional[float] = None,
+                           device=None, dtype=None) -> Callable[..., List[Optional[float]]]:
+    """A TRL reward function computing the endogenous reward of each completion.
+
+    Args:
+        model_or_rm: an `erm.EndoRM` (used as is), a transformers causal LM (needs `tokenizer`),
+            a model name / local path, or None for the embedded default model. The model is used
+            frozen, under inference mode; pass a *separate* copy from the policy being trained.
+        tokenizer: the tokenizer of a model object (its chat template renders the prompts).
+        alpha: temperature α of the soft Q-function (ignored for an EndoRM).
+        reduction: "sum" (Σ_t r_t, the paper's reward) or "mean" (per response token).
+        system_prompt: system message for every prompt (the paper's prompt-guided reward).
+        batch_size: pairs per forward pass (ignored for an EndoRM).
+        empty_reward: value for empty completions (None: NaN in TRL).
+        device, dtype: where/how to run a model that is loaded or wrapped here.
+    Returns:
+        `EndogenousRewardFunc`: `f(prompts, completions, **kwargs) -> list[float]` with
+        `f.__name__ == "endogenous_reward"`.
+    """
+    from ..model import EndoRM
+
+    if isinstance(model_or_rm, EndoRM):
+        rm = model_or_rm
+    elif model_or_rm is None or isinstance(model_or_rm, str):
+        rm = EndoRM.from_pretrained(model_or_rm, alpha=alpha, batch_size=batch_size,
+                                    device=device, dtype=dtype)
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer with a model object")
+        rm = EndoRM(model_or_rm, tokenizer, alpha=alpha, batch_size=batch_size, device=device,
+                    dtype=dtype)
+    return EndogenousRewardFunc(rm, reduction=reduction, system_prompt=system_prompt,
+                                empty_reward=empty_reward)

@@ -1,0 +1,875 @@
+"""A slim RL loop on endogenous rewards: rollout → score → advantages → update.
+
+The policy starts as the base model. ONE frozen copy of the base is both the reference model (for
+the KL penalty) and the reward model (the endogenous reward of arXiv 2506.23235): a single no-grad
+forward of it over prompt + response gives its final hidden states, one fused
+`erm.linear_token_stats` pass over them gives the reference log-probs AND the token rewards
+
+    r_t = z_{t−1}[a_t] − γ·α·logsumexp(z_t/α)       (next value 0 after EOS; soft value if cut)
+
+so Σ_t r_t = α·log π_ref(y|x) + V(s_1) (γ = 1, terminated). No full-vocabulary softmax is ever
+materialised, neither for the frozen model nor for the policy's log-probs/entropy.
+
+One step (`Trainer.step`):
+
+1. rollout: `prompts_per_step` prompts, `k` samples each, `model.generate` (KV cache), pure
+   sampling at `temperature` (top-k/top-p off, so samples follow softmax(z/τ) exactly). A sample
+   that emitted EOS is *terminated* (value 0 after it), one cut at `max_new_tokens` is
+   *truncated* (the soft value of its last state closes the sum).
+2. score: the frozen forward → ref log-probs (B, R) and token rewards (B, R); exact-match of the
+   final number against the prompt's answer (if any) → verifiable reward in {0, 1}.
+3. advantages (per token, (B, R)): response reward R_i = Σ_t r_t + verifiable_weight·correct_i;
+   "grpo": (R_i − mean_group)/(std_group + ε) broadcast over the response; "rloo":
+   R_i − mean of the other k−1 samples; "reinforce": dense reward-to-go G_t = Σ_{t'≥t} γ^{t'−t}
+   r_t' (verifiable bonus on the last token), whitened over the batch if `normalize`.
+4. update: `ppo_epochs` passes over the batch (gradient accumulation over `micro_batch`
+   sequences), loss per response token, averaged over all response tokens of the batch:
+
+       −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + kl_coef·k3 − entropy_coef·H,
+       ρ = exp(log π_θ − log π_old),  k3 = exp(ref − log π_θ) − (ref − log π_θ) − 1.
+
+   π_old is the rollout policy: its log-probs (temperature α = τ by default, the sampling
+   temperature) are those of the first inner epoch's forward, which runs with the rollout
+   weights (no update has happened yet), so no extra forward is needed and ρ = 1 exactly there.
+
+The policy is kept in eval mode (no dropout: the ratio and KL are then exact). Metrics per step go
+to `out/log.jsonl` (and a tqdm bar); `--plot` writes `out/curves.png`; `out/checkpoint.pt` holds
+the policy, the optimizer, the RNG states and the step, and `--resume` continues from it to the
+same state. Exact-match accuracy on the held-back prompts is measured before and after training
+(`out/summary.json`).
+
+    python -m erm.rl --steps 10 --prompts-per-step 2 --k 4 --max-new-tokens 24 --plot
+    from erm.rl import RLConfig, Trainer; Trainer(RLConfig(steps=2)).train()
+
+Tests: tests/test_rl.py. Bench of one policy update: benches/bench_rl_step.py.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import re
+import resource
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+ARITHMETIC = Path(__file__).parent / "data" / "arithmetic.jsonl"
+
+
+# ============================================================================ config
+@dataclass
+class RLConfig:
+    """Everything a run needs; each field is also a CLI flag (`--prompts-per-step 4`, ...)."""
+
+    model: Optional[str] = None          # local dir / HF cache name; None: embedded SmolLM2-135M
+    prompts: Optional[str] = None        # .jsonl {"prompt", "answer"?, "split"?} or .txt; None: built-in arithmetic
+    system_prompt: Optional[str] = None  # system message of every prompt
+    steps: int = 10
+    prompts_per_step: int = 2
+    k: int = 4                           # samples per prompt (the group)
+    max_new_tokens: int = 32
+    temperature: float = 1.0             # sampling temperature τ
+    alpha: Optional[float] = None        # log-prob / soft-Q temperature α; None: = temperature
+    gamma: float = 1.0                   # discount of the endogenous reward (and reward-to-go)
+    objective: str = "grpo"              # grpo | rloo | reinforce
+    normalize: bool = True               # grpo: divide by group std; reinforce: whiten G_t
+    verifiable_weight: float = 0.0       # R = Σ r_t + w·[final number == answer]
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1
+    micro_batch: int = 0                 # sequences per forward/backward (0: the whole batch)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.01
+    entropy_coef: float = 0.0
+    seed: int = 0
+    out: str = "runs/rl"
+    plot: bool = False
+    eval_prompts: int = 40               # held-back prompts for exact match (0: no eval)
+    eval_max_new_tokens: int = 32
+    save_every: int = 0                  # checkpoint every N steps (0: at the end only; <0: never)
+    resume: bool = False                 # continue from out/checkpoint.pt
+    device: Optional[str] = None         # None: cuda if available else cpu
+    dtype: Optional[str] = None          # compute dtype (None: bfloat16 on cuda, float32 on cpu)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.objective not in ("grpo", "rloo", "reinforce"):
+            raise ValueError(f"objective must be grpo, rloo or reinforce, got {self.objective!r}")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (RL needs sampling)")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError("alpha must be > 0")
+        if self.k < 1 or self.prompts_per_step < 1 or self.steps < 0 or self.ppo_epochs < 1:
+            raise ValueError("k, prompts_per_step, ppo_epochs must be >= 1 and steps >= 0")
+        if self.objective == "rloo" and self.k < 2:
+            raise ValueError("rloo needs k >= 2")
+
+    @property
+    def log_temperature(self) -> float:
+        """α, the temperature of every log-prob, entropy and soft value."""
+        return float(self.alpha if self.alpha is not None else self.temperature)
+
+
+# ============================================================================ data
+def load_prompts(path: Optional[str] = None) -> Tuple[List[dict], List[dict]]:
+    """(train, eval) prompt records {"prompt": str, "answer": str | None}.
+
+    `path`: .jsonl with a "prompt" per line (optional "answer", optional "split": "eval" marks
+    held-back prompts) or a text file with one prompt per line; None: erm/data/arithmetic.jsonl.
+    """
+    path = Path(path) if path is not None else ARITHMETIC
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
+                if not isinstance(d, dict) or not isinstance(d.get("prompt"), (str, list)):
+                    raise ValueError(f"{path}:{n}: needs a 'prompt' field")
+            else:
+                d = {"prompt": line.rstrip("\n")}
+            a = d.get("answer")
+            rows.append({"prompt": d["prompt"], "answer": None if a is None else str(a),
+                         "split": d.get("split", "train")})
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    train = [r for r in rows if r["split"] != "eval"]
+    held = [r for r in rows if r["split"] == "eval"]
+    if not train:
+        raise ValueError(f"{path}: every prompt is in the eval split")
+    return train, held
+
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def final_number(text: str) -> Optional[str]:
+    """The last number in `text` ("1,200" → "1200"), or None."""
+    found = _NUM.findall(text.replace(",", ""))
+    return found[-1] if found else None
+
+
+def is_correct(text: str, answer: Optional[str]) -> bool:
+    """Exact match of the final number of `text` with `answer` (compared as numbers)."""
+    if answer is None:
+        return False
+    got = final_number(text)
+    try:
+        return got is not None and float(got) == float(answer)
+    except ValueError:
+        return False
+
+
+def make_arithmetic(n: int = 200, seed: int = 1234, eval_every: int = 5) -> List[dict]:
+    """Short arithmetic word problems (the built-in prompt set), deterministic for a seed.
+    Every `eval_every`-th problem is held back ("split": "eval")."""
+    rng = random.Random(seed)
+    names = ["Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva"]
+    items = ["apple", "book", "pencil", "marble", "cookie", "sticker", "card", "ball"]
+
+    def one():
+        who, it, kind = rng.choice(names), rng.choice(items), rng.randrange(7)
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        if kind == 0:
+            return f"{who} has {a} {it}s and buys {b} more. How many {it}s does {who} have now?", a + b
+        if kind == 1:
+            a, b = max(a, b) + 1, min(a, b)
+            return f"{who} had {a} {it}s and gave {b} to a friend. How many {it}s are left?", a - b
+        if kind == 2:
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            return (f"There are {a} boxes with {b} {it}s in each box. "
+                    f"How many {it}s are there in total?", a * b)
+        if kind == 3:
+            a, b = rng.randint(2, 9), rng.randint(2, 6)
+            return (f"{who} shares {a * b} {it}s equally among {b} friends. "
+                    f"How many {it}s does each friend get?", a)
+        if kind == 4:
+            return f"What is {a} plus {b}?", a + b
+        if kind == 5:
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            return f"What is {a} times {b}?", a * b
+        c = rng.randint(1, min(a + b - 1, 9))
+        return (f"{who} has {a} {it}s, gets {b} more and then loses {c}. "
+                f"How many {it}s does {who} have?", a + b - c)
+
+    out, seen = [], set()
+    while len(out) < n:
+        q, ans = one()
+        if q in seen:
+            continue
+        seen.add(q)
+        out.append({"prompt": q + " Answer with a number.", "answer": str(ans),
+                    "split": "eval" if len(out) % eval_every == eval_every - 1 else "train"})
+    return out
+
+
+def write_arithmetic(path: Path = ARITHMETIC) -> None:
+    """(Re)write the built-in prompt file from `make_arithmetic()`."""
+    with open(path, "w", encoding="utf-8") as f:
+        for d in make_arithmetic():
+            f.write(json.dumps(d) + "\n")
+
+
+# ============================================================================ model helpers
+def _messages(prompt, system_prompt: Optional[str]) -> List[dict]:
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and not (msgs and msgs[0].get("role") == "system"):
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+def encode_prompts(tokenizer, prompts: Sequence, system_prompt: Optional[str] = None,
+                   pad_id: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Chat-template and LEFT-pad prompts (so every response starts at the same column).
+
+    Returns:
+        input_ids (B, P) int64 and attention_mask (B, P) int64, on the CPU.
+    """
+    seqs = []
+    for p in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(_messages(p, system_prompt), tokenize=False,
+                                                 add_generation_prompt=True)
+            seqs.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            seqs.append(tokenizer(p if isinstance(p, str) else p[-1]["content"])["input_ids"])
+    pad = _pad_id(tokenizer) if pad_id is None else pad_id
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s):] = 1
+    return ids, attn
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+               else tokenizer.eos_token_id)
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in (e if isinstance(e, (list, tuple)) else [e]):
+        if isinstance(x, int):
+            ids.add(x)
+    return sorted(ids)
+
+
+def _position_ids(attn: Tensor) -> Tensor:
+    return (attn.cumsum(1) - 1).clamp(min=0)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda"
+                          and dtype in (torch.bfloat16, torch.float16))
+
+
+def window_token_stats(model, input_ids: Tensor, attention_mask: Tensor, start: int,
+                       targets: Tensor, *, alpha: float, entropy: bool = False,
+                       compute_dtype: Optional[torch.dtype] = None):
+    """`erm.TokenStats` of `targets` under `model` at the positions start..T−1 (position t
+    predicts the token after it), at temperature α.
+
+    For plain linear LM heads (Llama, Qwen2, ...) the decoder's final hidden states go straight
+    into the fused `erm.linear_token_stats` (no (B, T, V) logits); other heads fall back to
+    `model(..., logits_to_keep=T − start).logits` + `erm.token_stats`.
+
+    Args:
+        input_ids, attention_mask: (B, T) int64. start: first position of the window.
+        targets: (B, T − start) int64 with IGNORE (-100) where nothing is scored.
+        compute_dtype: cast hidden/weight to this dtype for the fused op (autocast on CUDA).
+    Returns:
+        TokenStats of (B, T − start) float32 tensors (entropy None unless asked).
+    """
+    import erm
+
+    pos = _position_ids(attention_mask)
+    head = model.get_output_embeddings()
+    cfg = model.config
+    plain = (isinstance(head, torch.nn.Linear) and getattr(cfg, "logit_scale", None) in (None, 1)
+             and getattr(cfg, "final_logit_softcapping", None) is None)
+    if plain:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=pos, use_cache=False).last_hidden_state
+        hidden = hidden[:, start:]
+        w, b = head.weight, head.bias
+        dt = compute_dtype if compute_dtype is not None else w.dtype
+        hidden, w = hidden.to(dt), w.to(dt)
+        b = b.to(dt) if b is not None else None
+        return erm.linear_token_stats(hidden, w, targets, bias=b, temperature=alpha,
+                                      ignore_index=IGNORE, entropy=entropy)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                   logits_to_keep=input_ids.shape[1] - start, use_cache=False).logits
+    return erm.token_stats(logits, targets, temperature=alpha, ignore_index=IGNORE,
+                           entropy=entropy)
+
+
+# ============================================================================ 1. rollout
+@dataclass
+class Rollout:
+    """One batch of B = prompts × k sampled responses.
+
+    input_ids / attention_mask: (B, P + R) int64, prompt left-padded to P, response after it.
+    response_mask: (B, R) bool, True on response tokens (the EOS included, padding after it not).
+    terminated: (B,) bool, True where the response ended with EOS.
+    group: (B,) int64, index of the prompt (samples of one prompt are contiguous).
+    answers: per sample, the prompt's answer or None. texts: decoded responses.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+    response_mask: Tensor
+    terminated: Tensor
+    group: Tensor
+    answers: List[Optional[str]]
+    texts: List[str]
+
+    @property
+    def targets(self) -> Tensor:
+        """(B, R) response token ids, IGNORE outside the response."""
+        r = self.input_ids[:, self.prompt_len:]
+        return torch.where(self.response_mask, r, torch.full_like(r, IGNORE))
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, records: Sequence[dict], k: int, *, max_new_tokens: int,
+            temperature: float, system_prompt: Optional[str] = None,
+            compute_dtype: torch.dtype = torch.float32) -> Rollout:
+    """Sample k responses per prompt with `policy.generate` (KV cache, pure sampling at τ)."""
+    from transformers import GenerationConfig
+
+    dev = next(policy.parameters()).device
+    prompts = [r["prompt"] for r in records for _ in range(k)]
+    ids, attn = encode_prompts(tokenizer, prompts, system_prompt)
+    ids, attn = ids.to(dev), attn.to(dev)
+    eos, pad = _eos_ids(policy, tokenizer), _pad_id(tokenizer)
+    gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                          use_cache=True)
+    with _autocast(dev, compute_dtype):
+        out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gc)
+    p = ids.shape[1]
+    resp = out[:, p:]
+    if resp.shape[1] == 0:
+        raise RuntimeError("generate returned no new tokens")
+    is_eos = torch.isin(resp, torch.tensor(eos, device=dev))
+    terminated = is_eos.any(1)
+    first = torch.where(terminated, is_eos.float().argmax(1), resp.new_full((len(resp),), resp.shape[1] - 1))
+    mask = torch.arange(resp.shape[1], device=dev)[None] <= first[:, None]
+    resp = torch.where(mask, resp, torch.full_like(resp, pad))
+    texts = tokenizer.batch_decode([r[m].tolist() for r, m in zip(resp, mask)],
+                                   skip_special_tokens=True)
+    return Rollout(input_ids=torch.cat([ids, resp], 1),
+                   attention_mask=torch.cat([attn, mask.long()], 1), prompt_len=p,
+                   response_mask=mask, terminated=terminated,
+                   group=torch.arange(len(records), device=dev).repeat_interleave(k),
+                   answers=[r.get("answer") for r in records for _ in range(k)], texts=texts)
+
+
+# ============================================================================ 2. score
+def rewards_from_stats(target_logit: Tensor, lse: Tensor, response_mask: Tensor,
+                       terminated: Tensor, *, alpha: float, gamma: float = 1.0) -> Tensor:
+    """Endogenous token rewards of the responses from the frozen model's window stats.
+
+    The window starts at the last prompt position, so index j of the stats (j = 0..R) predicts
+    response token j and index j + 1 is the state after it.
+
+    Args:
+        target_logit, lse: (B, R + 1) float32, z_j[a_{j}] and logsumexp(z_j/α) of the window.
+        response_mask: (B, R) bool. terminated: (B,) bool.
+    Returns:
+        (B, R) float32: r_j = z[a_j] − γ·α·lse_{j+1}, with the next value 0 after the last token
+        of a terminated response; 0 outside the mask.
+    """
+    r_len = response_mask.shape[1]
+    q, nxt = target_logit[:, :r_len], alpha * lse[:, 1:r_len + 1]
+    last = response_mask.long().cumsum(1) == response_mask.sum(1, keepdim=True)
+    is_last = response_mask & last
+    nxt = torch.where(is_last & terminated[:, None], torch.zeros_like(nxt), nxt)
+    r = q - gamma * nxt
+    return torch.where(response_mask, r, torch.zeros_like(r))
+
+
+@torch.no_grad()
+def score(frozen, batch: Rollout, *, alpha: float, gamma: float = 1.0,
+          compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """ONE forward of the frozen base model → (reference log-probs, endogenous token rewards).
+
+    Returns:
+        ref_logprobs (B, R) float32 (log π_ref,α of each response token, 0 outside the mask) and
+        token_rewards (B, R) float32 (`rewards_from_stats`).
+    """
+    p = batch.prompt_len
+    # window = positions p−1 .. T−1: targets are the response tokens, then nothing at T−1
+    tg = torch.cat([batch.targets, torch.full_like(batch.targets[:, :1], IGNORE)], 1)
+    st = window_token_stats(frozen, batch.input_ids, batch.attention_mask, p - 1, tg,
+                            alpha=alpha, compute_dtype=compute_dtype)
+    r = rewards_from_stats(st.target_logit, st.lse, batch.response_mask, batch.terminated,
+                           alpha=alpha, gamma=gamma)
+    return st.logprob[:, :-1].float(), r.float()
+
+
+def verifiable_rewards(batch: Rollout) -> Tensor:
+    """(B,) float32: 1 where the response's final number equals the prompt's answer."""
+    return torch.tensor([float(is_correct(t, a)) for t, a in zip(batch.texts, batch.answers)],
+                        device=batch.input_ids.device)
+
+
+# ============================================================================ 3. advantages
+def grpo_advantages(rewards: Tensor, k: int, *, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """(B,) response rewards in groups of k contiguous samples → (B,) (R − mean_g)[/ (std_g + ε)].
+    Each group sums to 0."""
+    g = rewards.view(-1, k)
+    a = g - g.mean(1, keepdim=True)
+    if scale and k > 1:
+        a = a / (g.std(1, keepdim=True) + eps)
+    return a.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """(B,) → (B,) R_i − mean_{j≠i} R_j within each group of k (k ≥ 2)."""
+    g = rewards.view(-1, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def reward_to_go(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """(B, R) → (B, R) G_t = Σ_{t' ≥ t} γ^{t'−t} r_t' inside the mask, 0 outside."""
+    r = token_rewards * response_mask
+    out = torch.zeros_like(r)
+    acc = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        acc = r[:, t] + gamma * acc
+        out[:, t] = acc
+    return out * response_mask
+
+
+def advantages(cfg: RLConfig, token_rewards: Tensor, response_mask: Tensor,
+               verifiable: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-token advantages (B, R) float32 for `cfg.objective`, and the (B,) response rewards
+    R_i = Σ_t r_t + verifiable_weight·correct_i."""
+    m = response_mask.float()
+    bonus = cfg.verifiable_weight * verifiable
+    resp = (token_rewards * m).sum(1) + bonus
+    if cfg.objective == "grpo":
+        adv = grpo_advantages(resp, cfg.k, scale=cfg.normalize)[:, None] * m
+    elif cfg.objective == "rloo":
+        adv = rloo_advantages(resp, cfg.k)[:, None] * m
+    else:
+        last = response_mask & (response_mask.long().cumsum(1) == response_mask.sum(1, keepdim=True))
+        dense = token_rewards + last.float() * bonus[:, None]
+        adv = reward_to_go(dense, response_mask, cfg.gamma)
+        if cfg.normalize:
+            vals = adv[response_mask]
+            adv = (adv - vals.mean()) / (vals.std() + 1e-6) * m if vals.numel() > 1 else adv
+    return adv, resp
+
+
+# ============================================================================ 4. update
+def policy_logprobs(policy, batch: Rollout, *, alpha: float, entropy: bool = True,
+                    compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Policy log-probs (B, R) and entropies (B, R) (float32, with autograd) of the responses."""
+    st = window_token_stats(policy, batch.input_ids[:, :-1], batch.attention_mask[:, :-1],
+                            batch.prompt_len - 1, batch.targets, alpha=alpha, entropy=entropy,
+                            compute_dtype=compute_dtype)
+    return st.logprob, st.entropy
+
+
+def ppo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, adv: Tensor,
+             mask: Tensor, *, clip_eps: float, kl_coef: float, entropy_coef: float = 0.0,
+             entropy: Optional[Tensor] = None, n_tokens: Optional[int] = None):
+    """Clipped surrogate + k3 KL penalty − entropy bonus, summed over masked tokens / n_tokens.
+
+    All tensors (B, R) float32 (mask bool). Returns (loss scalar, dict of float sums for logging:
+    "kl", "clip", "ratio", "entropy", "tokens").
+    """
+    m = mask.float()
+    n = float(n_tokens if n_tokens is not None else m.sum().clamp(min=1))
+    ratio = torch.exp(logprobs - old_logprobs)
+    surr = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = ref_logprobs - logprobs
+    kl = torch.exp(d) - d - 1
+    per_tok = surr + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        per_tok = per_tok - entropy_coef * entropy
+    loss = (per_tok * m).sum() / n
+    with torch.no_grad():
+        stats = {"kl": float((kl * m).sum()), "ratio": float((ratio * m).sum()),
+                 "clip": float((((ratio - 1).abs() > clip_eps).float() * m).sum()),
+                 "entropy": float((entropy * m).sum()) if entropy is not None else 0.0,
+                 "surrogate": float((surr * m).sum()), "tokens": float(m.sum())}
+    return loss, stats
+
+
+def _slice(batch: Rollout, i: int, j: int) -> Rollout:
+    return Rollout(batch.input_ids[i:j], batch.attention_mask[i:j], batch.prompt_len,
+                   batch.response_mask[i:j], batch.terminated[i:j], batch.group[i:j],
+                   batch.answers[i:j], batch.texts[i:j])
+
+
+def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor, cfg: RLConfig,
+           old_logprobs: Optional[Tensor] = None,
+           compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Dict[str, float]]:
+    """`cfg.ppo_epochs` optimizer steps on one batch. Returns (old log-probs (B, R), metrics of
+    the first epoch: kl, entropy, ratio (means over response tokens), and over all epochs: clip
+    fraction, loss per epoch, grad norm)."""
+    alpha = cfg.log_temperature
+    n_tok = int(batch.response_mask.sum().clamp(min=1))
+    b = batch.input_ids.shape[0]
+    mb = cfg.micro_batch if cfg.micro_batch > 0 else b
+    dev = batch.input_ids.device
+    old_parts, first, losses, clip, gnorm = [], None, [], 0.0, 0.0
+    for epoch in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        tot, total_loss = {}, 0.0
+        for i in range(0, b, mb):
+            part = _slice(batch, i, i + mb)
+            with _autocast(dev, compute_dtype):
+                lp, ent = policy_logprobs(policy, part, alpha=alpha,
+                                          entropy=True, compute_dtype=compute_dtype)
+            if old_logprobs is None and epoch == 0:  # weights == rollout weights: π_old
+                old_parts.append(lp.detach())
+            old = old_logprobs[i:i + mb] if old_logprobs is not None else old_parts[i // mb]
+            loss, st = ppo_loss(lp, old, ref_logprobs[i:i + mb], adv[i:i + mb],
+                                part.response_mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+                                entropy_coef=cfg.entropy_coef, entropy=ent, n_tokens=n_tok)
+            loss.backward()
+            total_loss += float(loss.detach())
+            for key, v in st.items():
+                tot[key] = tot.get(key, 0.0) + v
+        gnorm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in policy.parameters() if p.requires_grad],
+            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        optimizer.step()
+        losses.append(total_loss)
+        clip += tot["clip"] / n_tok
+        if epoch == 0:
+            first = {key: tot[key] / n_tok for key in ("kl", "entropy", "ratio")}
+        if old_logprobs is None:
+            old_logprobs = torch.cat(old_parts)
+    optimizer.zero_grad(set_to_none=True)
+    metrics = dict(first, clip_frac=clip / cfg.ppo_epochs, loss=losses[0], loss_last=losses[-1],
+                   grad_norm=gnorm)
+    return old_logprobs, metrics
+
+
+# ============================================================================ evaluation
+@torch.no_grad()
+def evaluate_accuracy(policy, tokenizer, prompts: Sequence[dict], *, max_new_tokens: int = 32,
+                      batch_size: int = 16, system_prompt: Optional[str] = None,
+                      return_texts: bool = False):
+    """Greedy exact-match accuracy of the final number of each response vs its "answer".
+
+    Args:
+        prompts: records {"prompt": str or chat, "answer": str}.
+    Returns:
+        accuracy as a float in [0, 1] (nan with no prompts); with return_texts, (accuracy, texts).
+    """
+    from transformers import GenerationConfig
+
+    dev = next(policy.parameters()).device
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=_eos_ids(policy, tokenizer), pad_token_id=_pad_id(tokenizer))
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, attn = encode_prompts(tokenizer, [r["prompt"] for r in chunk], system_prompt)
+        out = policy.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                              generation_config=gc)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    hits = [is_correct(t, r.get("answer")) for t, r in zip(texts, prompts)]
+    acc = sum(hits) / len(hits) if hits else float("nan")
+    return (acc, texts) if return_texts else acc
+
+
+# ============================================================================ the loop
+def _resolve_device_dtype(cfg: RLConfig) -> Tuple[torch.device, torch.dtype]:
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = cfg.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    dt = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {cfg.dtype!r}")
+    return dev, dt
+
+
+def _peak_memory_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB
+
+
+class Trainer:
+    """The RL loop. `Trainer(cfg).train()` or step by step with `step()`.
+
+    Args:
+        cfg: RLConfig.
+        model, tokenizer: a transformers causal LM + tokenizer to start from (tests, notebooks);
+            None loads `cfg.model` (None: the embedded default model). The model becomes the
+            policy (trained in place, float32 master weights); a deep copy of it, frozen, is the
+            reference model and the endogenous reward model.
+        train_prompts, eval_prompts: prompt records; None reads `cfg.prompts`.
+    """
+
+    def __init__(self, cfg: RLConfig, model=None, tokenizer=None,
+                 train_prompts: Optional[List[dict]] = None,
+                 eval_prompts: Optional[List[dict]] = None):
+        self.cfg = cfg
+        self.device, self.dtype = _resolve_device_dtype(cfg)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if model is None:
+            model, tokenizer = load_model(cfg.model)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer with the model")
+        self.tokenizer = tokenizer
+        self.policy = model.to(self.device, torch.float32).eval()
+        self.policy.requires_grad_(True)
+        self.frozen = copy.deepcopy(self.policy).to(self.dtype).eval().requires_grad_(False)
+        if train_prompts is None:
+            train_prompts, held = load_prompts(cfg.prompts)
+            eval_prompts = held if eval_prompts is None else eval_prompts
+        self.train_prompts = list(train_prompts)
+        self.eval_prompts = list(eval_prompts or [])[:max(cfg.eval_prompts, 0)]
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters()], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.step_idx = 0
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "log.jsonl"
+        self.records: List[dict] = []
+        if cfg.resume and (self.out / "checkpoint.pt").exists():
+            self.load(self.out / "checkpoint.pt")
+        elif self.log_path.exists():
+            self.log_path.unlink()
+
+    # ---------------------------------------------------------------- prompts of a step
+    def prompts_for_step(self, step: int) -> List[dict]:
+        """Deterministic in (seed, step): walk a per-epoch shuffle of the training prompts."""
+        n, per = len(self.train_prompts), self.cfg.prompts_per_step
+        out = []
+        for j in range(step * per, (step + 1) * per):
+            epoch, i = divmod(j, n)
+            order = list(range(n))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(self.train_prompts[order[i]])
+        return out
+
+    # ---------------------------------------------------------------- one RL step
+    def step(self) -> dict:
+        """rollout → score → advantages → update; returns (and logs) the step's metrics."""
+        cfg, dev = self.cfg, self.device
+        alpha = cfg.log_temperature
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        batch = rollout(self.policy, self.tokenizer, self.prompts_for_step(self.step_idx), cfg.k,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        system_prompt=cfg.system_prompt, compute_dtype=self.dtype)
+        t_gen = time.perf_counter() - t0
+        ref_lp, tok_r = score(self.frozen, batch, alpha=alpha, gamma=cfg.gamma,
+                              compute_dtype=self.dtype)
+        ver = verifiable_rewards(batch)
+        adv, resp_r = advantages(cfg, tok_r, batch.response_mask, ver)
+        _, m = update(self.policy, self.optimizer, batch, adv, ref_lp, cfg,
+                      compute_dtype=self.dtype)
+        dt = time.perf_counter() - t0
+        n_resp = int(batch.response_mask.sum())
+        self.step_idx += 1
+        rec = {"step": self.step_idx,
+               "reward": float((tok_r * batch.response_mask).sum(1).mean()),
+               "reward_total": float(resp_r.mean()),
+               "reward_per_token": float((tok_r.sum() / max(n_resp, 1))),
+               "accuracy": float(ver.mean()),
+               "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
+               "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
+               "response_len": n_resp / batch.response_mask.shape[0],
+               "terminated": float(batch.terminated.float().mean()),
+               "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": t_gen,
+               "peak_mem_mb": _peak_memory_mb(dev),
+               "sample": batch.texts[0][:200]}
+        self.records.append(rec)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    # ---------------------------------------------------------------- checkpoint / resume
+    def state_dict(self) -> dict:
+        """Policy + optimizer + RNG states + step (everything `load` needs to continue)."""
+        return {"step": self.step_idx, "policy": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "config": dataclasses.asdict(self.cfg)}
+
+    def save(self, path: Optional[Path] = None) -> Path:
+        """Write the checkpoint atomically (default out/checkpoint.pt)."""
+        path = Path(path) if path is not None else self.out / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: Path) -> None:
+        """Restore a checkpoint written by `save`; the JSONL log is cut back to its step."""
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.policy.load_state_dict(ck["policy"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.step_idx = int(ck["step"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        random.setstate(ck["rng"]["python"])
+        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+        if self.log_path.exists():
+            keep = [json.loads(x) for x in self.log_path.read_text().splitlines() if x.strip()]
+            self.records = [r for r in keep if r.get("step", 0) <= self.step_idx]
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    # ---------------------------------------------------------------- the whole run
+    def train(self) -> dict:
+        """Eval → `cfg.steps` steps (checkpoints, log, progress bar) → eval, plot, summary.json.
+        Returns the summary dict."""
+        cfg = self.cfg
+        ev = dict(max_new_tokens=cfg.eval_max_new_tokens, system_prompt=cfg.system_prompt)
+        summary = {"config": dataclasses.asdict(cfg)}
+        if self.eval_prompts and self.step_idx == 0:
+            summary["accuracy_before"] = evaluate_accuracy(self.policy, self.tokenizer,
+                                                           self.eval_prompts, **ev)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=min(self.step_idx, cfg.steps), desc="rl",
+                       unit="step", dynamic_ncols=True)
+        while self.step_idx < cfg.steps:
+            rec = self.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.4f}",
+                                acc=f"{rec['accuracy']:.2f}", len=f"{rec['response_len']:.1f}")
+            if cfg.save_every > 0 and self.step_idx % cfg.save_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if cfg.save_every >= 0:
+            self.save()
+        if self.eval_prompts:
+            summary["accuracy_after"] = evaluate_accuracy(self.policy, self.tokenizer,
+                                                          self.eval_prompts, **ev)
+        summary["steps"] = [{k: v for k, v in r.items() if k != "sample"} for r in self.records]
+        if cfg.plot and self.records:
+            summary["plot"] = str(plot_curves(self.records, self.out / "curves.png"))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def load_model(name: Optional[str], dtype=torch.float32):
+    """(model, tokenizer): the embedded default model for None (erm.default_model), else a local
+    directory or a model in the local Hugging Face cache (never downloads)."""
+    from .model import EndoRM
+
+    rm = EndoRM.from_pretrained(name, device="cpu", dtype=dtype)  # the loading path of EndoRM
+    return rm.model, rm.tokenizer
+
+
+def plot_curves(records: List[dict], path) -> Path:
+    """PNG of the per-step curves (reward, accuracy, KL, entropy, length, clip fraction)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("reward", "endogenous reward Σr_t"), ("accuracy", "verifiable accuracy"),
+            ("kl", "KL(π‖ref) (k3)"), ("entropy", "entropy / token"),
+            ("response_len", "response length"), ("clip_frac", "clip fraction")]
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (k, title) in zip(axes.flat, keys):
+        ax.plot(steps, [r[k] for r in records], marker="o", ms=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================ CLI
+def _field_help() -> Dict[str, str]:
+    """The trailing comments of RLConfig's fields, as CLI help."""
+    import inspect
+    out = {}
+    for line in inspect.getsource(RLConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]+#\s*(.+)", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(RLConfig)
+    helps = _field_help()
+    for f in dataclasses.fields(RLConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=helps.get(f.name))
+        else:
+            h = (helps.get(f.name, "") + f" (default: {f.default})").strip()
+            p.add_argument(flag, dest=f.name, type=base, default=f.default, help=h,
+                           choices=("grpo", "rloo", "reinforce") if f.name == "objective" else None)
+
+
+def _config_from_args(args) -> RLConfig:
+    return RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+
+
+def _run(args, rm=None) -> int:
+    cfg = _config_from_args(args)
+    summary = Trainer(cfg).train()
+    last = summary["steps"][-1] if summary["steps"] else {}
+    print(json.dumps({"accuracy_before": summary.get("accuracy_before"),
+                      "accuracy_after": summary.get("accuracy_after"),
+                      "final_reward": last.get("reward"), "final_kl": last.get("kl"),
+                      "out": str(cfg.out)}))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `erm rl` on an argparse subparsers object (handler: func(args, rm))."""
+    p = subparsers.add_parser("rl", help="RL fine-tuning on endogenous rewards (erm.rl)",
+                              description=__doc__.split("\n\n")[0])
+    _add_config_flags(p)
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m erm.rl [--flags]`: train with RLConfig built from the flags."""
+    p = argparse.ArgumentParser(prog="python -m erm.rl", description=__doc__.split("\n\n")[0])
+    _add_config_flags(p)
+    return _run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
