@@ -225,12 +225,46 @@ class EndoRM:
         """
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        sums, lengths = self.response_rewards(prompts, responses, system_prompt=system_prompt,
+                                              progress=progress)
+        return sums if reduction == "sum" else (sums.double() / lengths).float()
+
+    def response_rewards(self, prompts: Union[Prompt, Sequence[Prompt]],
+                         responses: Union[str, Sequence[str]], *,
+                         system_prompt: Optional[str] = None,
+                         progress: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+        """Σ_t r_t and the number of response tokens of each pair, from one forward per batch
+        (what `score` reduces; use it to get both reductions without scoring twice).
+
+        Arguments as in `score`. Returns (sums (N,) float32, n_tokens (N,) int64), CPU tensors.
+        """
         pairs = _pairs(prompts, responses)
         sp = self.system_prompt if system_prompt is None else system_prompt
         encs = [self._encode(p, r, sp) for p, r in pairs]
-        out = torch.empty(len(encs), dtype=torch.float32)
+        sums = torch.empty(len(encs), dtype=torch.float32)
+        lengths = torch.empty(len(encs), dtype=torch.int64)
         if not encs:
-            return out
+            return sums, lengths
+        order = sorted(range(len(encs)), key=lambda i: -len(encs[i].ids))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        show = progress if progress is not None else len(batches) > 1
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(encs), desc="scoring", unit="pair", leave=False)
+        try:
+            for idx in batches:
+                rewards = self._batch_rewards([encs[i] for i in idx])
+                for i, r in zip(idx, rewards):
+                    sums[i] = float(r.sum(dtype=torch.float64))
+                    lengths[i] = r.numel()
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        return sums, lengths
         order = sorted(range(len(encs)), key=lambda i: -len(encs[i].ids))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         show = progress if progress is not None else len(batches) > 1

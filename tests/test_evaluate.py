@@ -110,15 +110,16 @@ def test_load_errors(tmp_path):
 # ------------------------------------------------------------------------------------ evaluate
 
 class StubRM:
-    """score() returns a value from a table keyed by response (the reduction is recorded)."""
+    """response_rewards() returns sums from a table keyed by response and 2 tokens each (so the
+    mean is half the sum); each call is recorded."""
 
     def __init__(self, table):
         self.table, self.calls = table, []
 
-    def score(self, prompts, responses, *, reduction="sum", progress=None, system_prompt=None):
-        self.calls.append((reduction, system_prompt, len(responses)))
-        scale = 1.0 if reduction == "sum" else 0.5
-        return torch.tensor([scale * self.table[r] for r in responses], dtype=torch.float32)
+    def response_rewards(self, prompts, responses, *, progress=None, system_prompt=None):
+        self.calls.append((system_prompt, len(responses)))
+        sums = torch.tensor([self.table[r] for r in responses], dtype=torch.float32)
+        return sums, torch.full((len(responses),), 2, dtype=torch.int64)
 
 
 def test_accuracy_ties_count_half():
@@ -130,7 +131,7 @@ def test_accuracy_ties_count_half():
                  "gg": math.nan, "hh": 0.0})
     rep = evaluate(rm, pairs, methods=("endorm_sum", "endorm_mean", "length"), progress=False,
                    system_prompt="sys")
-    assert rm.calls == [("sum", "sys", 8), ("mean", "sys", 8)]
+    assert rm.calls == [("sys", 8)]  # sum and mean come from one scoring pass
     assert rep["n"] == 4 and rep["subsets"] == {"x": 2, "y": 2}
     s, ln = rep["methods"]["endorm_sum"], rep["methods"]["length"]
     assert s["accuracy"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
