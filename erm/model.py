@@ -93,6 +93,7 @@ class _Encoded:
     ids: List[int]              # context + response token ids (after truncation)
     n_resp: int                 # the last n_resp ids are the response (incl. the end token)
     offsets: List[Tuple[int, int]]  # per response token, span in the response string
+    terminated: bool = True     # ended by the end-of-turn token (V = 0 after it), else truncated
 
 
 def _default_device() -> torch.device:
@@ -203,7 +204,8 @@ class EndoRM:
     # ------------------------------------------------------------------ public API
     def score(self, prompts: Union[Prompt, Sequence[Prompt]], responses: Union[str, Sequence[str]],
               *, reduction: str = "sum", system_prompt: Optional[str] = None,
-              progress: Optional[bool] = None) -> Tensor:
+              progress: Optional[bool] = None,
+              terminated: Union[bool, Sequence[bool]] = True) -> Tensor:
         """Endogenous reward of each (prompt, response) pair.
 
         Args:
@@ -215,6 +217,11 @@ class EndoRM:
             system_prompt: system message for this call; None uses `self.system_prompt`, ""
                 means none.
             progress: show a tqdm bar; None shows one when there is more than one batch.
+            terminated: True (default) scores each response as a finished turn: the template's
+                end-of-turn token is appended and counted, and the value after it is 0. False
+                (or False for some pairs, as a sequence of N bools) scores a response cut off
+                mid-way (e.g. at a generation limit): no end token, and the soft value of the
+                next state closes the sum.
 
         Returns:
             (N,) float32 CPU tensor, one reward per pair, in input order.
@@ -226,13 +233,14 @@ class EndoRM:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         sums, lengths = self.response_rewards(prompts, responses, system_prompt=system_prompt,
-                                              progress=progress)
+                                              progress=progress, terminated=terminated)
         return sums if reduction == "sum" else (sums.double() / lengths).float()
 
     def response_rewards(self, prompts: Union[Prompt, Sequence[Prompt]],
                          responses: Union[str, Sequence[str]], *,
                          system_prompt: Optional[str] = None,
-                         progress: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+                         progress: Optional[bool] = None,
+                         terminated: Union[bool, Sequence[bool]] = True) -> Tuple[Tensor, Tensor]:
         """Σ_t r_t and the number of response tokens of each pair, from one forward per batch
         (what `score` reduces; use it to get both reductions without scoring twice).
 
@@ -240,7 +248,13 @@ class EndoRM:
         """
         pairs = _pairs(prompts, responses)
         sp = self.system_prompt if system_prompt is None else system_prompt
-        encs = [self._encode(p, r, sp) for p, r in pairs]
+        if isinstance(terminated, (bool, int)):
+            terms = [bool(terminated)] * len(pairs)
+        else:
+            terms = [bool(x) for x in terminated]
+            if len(terms) != len(pairs):
+                raise ValueError(f"terminated has {len(terms)} entries for {len(pairs)} pairs")
+        encs = [self._encode(p, r, sp, terminated=t) for (p, r), t in zip(pairs, terms)]
         sums = torch.empty(len(encs), dtype=torch.float32)
         lengths = torch.empty(len(encs), dtype=torch.int64)
         if not encs:
@@ -413,7 +427,7 @@ class EndoRM:
         return ids, spans
 
     def _encode(self, prompt: Prompt, response: str, system_prompt: Optional[str],
-                offsets: bool = False) -> _Encoded:
+                offsets: bool = False, terminated: bool = True) -> _Encoded:
         if not isinstance(response, str):
             raise TypeError(f"a response must be a string, got {type(response).__name__}")
         if not response.strip():
@@ -458,6 +472,8 @@ class EndoRM:
                 end = t_ids[:cut + 1]
         if not end:
             end = [self._eos_id()]
+        if not terminated:  # cut off mid-turn: no end token; the next state's value closes the sum
+            end = []
         resp = resp_ids + end
         n = len(response)
         spans = spans + [(n, n)] * len(end)
@@ -467,7 +483,7 @@ class EndoRM:
         keep = self.max_length - len(resp)
         ctx_ids = ctx_ids[-keep:]
         return _Encoded(ids=[int(x) for x in ctx_ids + resp], n_resp=len(resp),
-                        offsets=spans if offsets else [])
+                        offsets=spans if offsets else [], terminated=terminated)
 
     def _token_texts(self, ids, spans, response) -> List[str]:
         tok = self.tokenizer
@@ -534,7 +550,8 @@ class EndoRM:
 
         ids, attn, pos, mask, s = self._pad(encs)
         w_ids, w_mask = ids[:, s:], mask[:, s:]
-        kw = dict(response_mask=w_mask, alpha=self.alpha, gamma=self.gamma, terminated=True)
+        term = torch.tensor([e.terminated for e in encs], device=ids.device)
+        kw = dict(response_mask=w_mask, alpha=self.alpha, gamma=self.gamma, terminated=term)
         if self._use_fused():  # rewards from hidden states + LM-head weight, no logits
             weight, bias = self._head()
             r = _fused_op()(self._hidden(ids, attn, pos, s), weight, w_ids, bias=bias, **kw)

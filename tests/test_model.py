@@ -86,6 +86,31 @@ def test_matches_float64_reference(tiny64, alpha, gamma, fused):
             torch.testing.assert_close(got[i].double(), alpha * logp + v1, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_truncated_responses(tiny64, fused):
+    """terminated=False: no end-of-turn token, and the soft value of the state after the last
+    response token closes the sum: Σ r_t = α·log π(y|x) + V(s_1) − V(s_{T+1})."""
+    model, model64, tok = tiny64
+    rm = EndoRM(model, tok, alpha=0.8, batch_size=2)
+    rm.fused = fused
+    term = [i % 2 == 0 for i in range(len(PROMPTS))]
+    got = rm.score(PROMPTS, RESPONSES, terminated=term, progress=False)
+    full = rm.score(PROMPTS, RESPONSES, progress=False)
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        if term[i]:
+            torch.testing.assert_close(got[i], full[i])
+            continue
+        ids = chat_ids(tok, p, r)[:-1]  # drop <|im_end|>
+        n = len(tok(r, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            z = model64(input_ids=torch.tensor([ids])).logits[0]
+        L = len(ids)
+        ref = sum(z[t - 1, ids[t]] - 0.8 * torch.logsumexp(z[t] / 0.8, 0) for t in range(L - n, L))
+        torch.testing.assert_close(got[i].double(), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="terminated"):
+        rm.score(PROMPTS, RESPONSES, terminated=[True])
+
+
 def test_token_rewards_fields(tiny64):
     model, model64, tok = tiny64
     alpha, gamma = 0.8, 0.95

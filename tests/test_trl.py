@@ -21,9 +21,17 @@ def test_standard_and_conversational_formats_match_endorm(rm):
     prompts = ["What is 2+2?", "Name a capital."]
     comps = ["It is 4.", "Paris is the capital of France."]
     expect = rm.score(prompts, comps).tolist()
-    got = f(prompts=prompts, completions=comps, completion_ids=[[1], [2]], trainer_state=None)
+    end = tok_end = next(iter(rm._end_ids))
+    got = f(prompts=prompts, completions=comps, completion_ids=[[7, end], [9, tok_end]],
+            trainer_state=None)
     assert isinstance(got, list) and all(isinstance(x, float) for x in got)
     assert got == pytest.approx(expect, rel=1e-6, abs=1e-5)
+    # a completion cut at the length limit (no end id) is scored as truncated
+    cut = f(prompts=prompts, completions=comps, completion_ids=[[7, end], [9, 10]])
+    want = rm.score(prompts, comps, terminated=[True, False]).tolist()
+    assert cut == pytest.approx(want, rel=1e-6, abs=1e-5) and cut[1] != pytest.approx(expect[1])
+    keep_all = endogenous_reward_func(rm, detect_truncation=False)
+    assert keep_all(prompts, comps, completion_ids=[[7, end], [9, 10]]) == pytest.approx(expect)
     chat_p = [[{"role": "user", "content": p}] for p in prompts]
     chat_c = [[{"role": "assistant", "content": c}] for c in comps]
     assert f(chat_p, chat_c) == pytest.approx(expect, rel=1e-6, abs=1e-5)

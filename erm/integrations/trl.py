@@ -15,9 +15,13 @@ and logs it under `f.__name__`. Both dataset formats work:
 * conversational: prompts are message lists, completions are [{"role": "assistant",
   "content": ...}] lists (the assistant contents are joined).
 
-Scoring is delegated to `erm.EndoRM.score` (length-bucketed batches, the fused LM-head op): each
-completion is closed by the template's end-of-turn token and scored as a terminated episode, also
-when TRL cut it at max_completion_length. This module does not import trl.
+Scoring is delegated to `erm.EndoRM.score` (length-bucketed batches, the fused LM-head op). A
+completion that ended with an end-of-turn/EOS token is scored as a terminated episode (the end token
+counted, value 0 after it); one that TRL cut at max_completion_length is scored as truncated (no end
+token, the soft value of the next state closes the sum). Which is which is read from the
+`completion_ids` TRL passes, assuming the policy shares the reward model's tokenizer (as when both
+start from the same base model); `detect_truncation=False` scores every completion as terminated.
+This module does not import trl.
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -56,26 +60,43 @@ class EndogenousRewardFunc:
     """
 
     def __init__(self, rm, *, reduction: str = "sum", system_prompt: Optional[str] = None,
-                 empty_reward: Optional[float] = None, name: str = "endogenous_reward"):
+                 empty_reward: Optional[float] = None, name: str = "endogenous_reward",
+                 detect_truncation: bool = True):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.rm = rm
         self.reduction = reduction
         self.system_prompt = system_prompt
         self.empty_reward = empty_reward
+        self.detect_truncation = detect_truncation
         self.__name__ = name
+
+    def _terminated(self, completion_ids, n: int) -> List[bool]:
+        """Per completion: did it end with an end-of-turn / EOS id (True when unknown)?"""
+        if not self.detect_truncation or completion_ids is None or len(completion_ids) != n:
+            return [True] * n
+        ends = set(getattr(self.rm, "_end_ids", ()) or ())
+        eos = getattr(self.rm.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            ends.add(int(eos))
+        out = []
+        for ids in completion_ids:
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+            out.append(bool(ids) and int(ids[-1]) in ends)
+        return out
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> List[Optional[float]]:
         """Score N (prompt, completion) pairs; returns N floats (empty_reward for empty ones)."""
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
         texts = [_text(c) for c in completions]
+        term = self._terminated(kwargs.get("completion_ids"), len(texts))
         keep = [i for i, t in enumerate(texts) if t.strip()]
         out: List[Optional[float]] = [self.empty_reward] * len(texts)
         if keep:
             scores = self.rm.score([_prompt(prompts[i]) for i in keep], [texts[i] for i in keep],
                                    reduction=self.reduction, system_prompt=self.system_prompt,
-                                   progress=False)
+                                   progress=False, terminated=[term[i] for i in keep])
             for i, s in zip(keep, scores.tolist()):
                 out[i] = float(s)
         return out
@@ -87,6 +108,7 @@ class EndogenousRewardFunc:
 def endogenous_reward_func(model_or_rm=None, tokenizer=None, *, alpha: float = 1.0,
                            reduction: str = "sum", system_prompt: Optional[str] = None,
                            batch_size: int = 8, empty_reward: Optional[float] = None,
+                           detect_truncation: bool = True,
                            device=None, dtype=None) -> Callable[..., List[Optional[float]]]:
     """A TRL reward function computing the endogenous reward of each completion.
 
@@ -100,6 +122,8 @@ def endogenous_reward_func(model_or_rm=None, tokenizer=None, *, alpha: float = 1
         system_prompt: system message for every prompt (the paper's prompt-guided reward).
         batch_size: pairs per forward pass (ignored for an EndoRM).
         empty_reward: value for empty completions (None: NaN in TRL).
+        detect_truncation: score completions that do not end with an end-of-turn/EOS id (read
+            from TRL's `completion_ids`) as truncated rather than terminated.
         device, dtype: where/how to run a model that is loaded or wrapped here.
     Returns:
         `EndogenousRewardFunc`: `f(prompts, completions, **kwargs) -> list[float]` with
@@ -118,4 +142,4 @@ def endogenous_reward_func(model_or_rm=None, tokenizer=None, *, alpha: float = 1
         rm = EndoRM(model_or_rm, tokenizer, alpha=alpha, batch_size=batch_size, device=device,
                     dtype=dtype)
     return EndogenousRewardFunc(rm, reduction=reduction, system_prompt=system_prompt,
-                                empty_reward=empty_reward)
+                                empty_reward=empty_reward, detect_truncation=detect_truncation)
