@@ -2,9 +2,10 @@
 bench: benches/bench_token_stats.py).
 
 Forward: one program per (row, vocabulary split). It reads each logit once, in BLOCK_V chunks, and
-keeps three float32 scalars in base 2 (x2 = z·log2(e)/α):  m = running max, s = Σ 2^(x2−m),
-w = Σ 2^(x2−m)·(x2−m) (the entropy numerator, centred on the max so that H = log s − w/s does not
-cancel for large logits). When rows are too few to fill the GPU the vocabulary is split across
+keeps in float32, base 2 (x2 = z·log2(e)/α): m = running max (a scalar: one block reduction per
+chunk), and per lane s = Σ 2^(x2−m) and w = Σ 2^(x2−m)·(x2−m) (the entropy numerator, centred on
+the max so that H = log s − w/s does not cancel for large logits), rescaled when m grows and
+reduced once per row. When rows are too few to fill the GPU the vocabulary is split across
 programs and a small combine kernel merges the (m, s, w) partials. The target logit is a single
 scalar load. No softmax and no float32 copy of the logits is ever written.
 
@@ -58,22 +59,26 @@ def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
     scale2 = inv_alpha * 1.4426950408889634
     start = split * split_len
     stop = tl.minimum(start + split_len, V)
+    # One block reduction per chunk (the max); s and w accumulate per lane, rescaled by a scalar
+    # when the max grows, and are reduced once at the end.
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    w = tl.zeros((), tl.float32)
+    s_vec = tl.zeros((BLOCK_V,), tl.float32)
+    w_vec = tl.zeros((BLOCK_V,), tl.float32)
     for off in range(start, stop, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         x = tl.load(z_ptr + base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
         x = x * scale2
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: keep exp2 finite
-        alpha_old = tl.exp2(m - m_ref)
+        rescale = tl.exp2(m - m_ref)
         e = tl.exp2(x - m_ref)
         if WITH_ENT:
             d = tl.where(m == float("-inf"), 0.0, m - m_ref)
-            w = alpha_old * (w + s * d) + tl.sum(e * tl.where(e > 0, x - m_ref, 0.0), 0)
-        s = s * alpha_old + tl.sum(e, 0)
+            w_vec = rescale * (w_vec + s_vec * d) + e * tl.where(e > 0, x - m_ref, 0.0)
+        s_vec = s_vec * rescale + e
         m = m_new
+    s = tl.sum(s_vec, 0)
+    w = tl.sum(w_vec, 0)
     if SPLITS == 1:
         _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
                 ignore_index, WITH_ENT)
