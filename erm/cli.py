@@ -61,6 +61,9 @@ def _load_rm(args, rm=None):
     if getattr(args, "max_length", None):
         kwargs["max_length"] = args.max_length
     model = getattr(args, "model", None)
+    if getattr(args, "quiet", False):  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
         out = EndoRM.from_pretrained(model, **kwargs)
