@@ -279,28 +279,6 @@ class EndoRM:
             if bar is not None:
                 bar.close()
         return sums, lengths
-        order = sorted(range(len(encs)), key=lambda i: -len(encs[i].ids))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        show = progress if progress is not None else len(batches) > 1
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(encs), desc="scoring", unit="pair", leave=False)
-        try:
-            for idx in batches:
-                rewards = self._batch_rewards([encs[i] for i in idx])
-                for i, r in zip(idx, rewards):
-                    s = r.sum(dtype=torch.float64)
-                    if reduction == "mean":
-                        s = s / r.numel()
-                    out[i] = float(s)
-                if bar is not None:
-                    bar.update(len(idx))
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
 
     def token_rewards(self, prompt: Prompt, response: str, *,
                       system_prompt: Optional[str] = None) -> TokenRewards:
