@@ -20,13 +20,12 @@ allocated before (inputs) and the gradients it returns.
 """
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import device_name, peak_extra_mib, sync, time_ms  # noqa: E402
+from common import print_table, device_name, peak_extra_mib, sync, time_ms  # noqa: E402
 
 import erm  # noqa: E402
 
@@ -141,17 +140,10 @@ def main(argv=None):
     meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n,
                 d=args.d, v=args.v, dtype=args.dtype, matmul_ms=floor_mm, floor_fwd_ms=floor_f,
                 floor_fwdbwd_ms=floor_fb, torch=torch.__version__, reps=args.reps)
-    print(f"\n{meta['device']}, {meta['date']}, N={args.n}, D={args.d}, V={args.v}, {args.dtype}; "
-          f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
-          f"{floor_fb:.3f} ms); median of {args.reps}")
-    print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
-              f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, D={args.d}, V={args.v}, {args.dtype}; "
+              f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
+              f"{floor_fb:.3f} ms); median of {args.reps}")
+    print_table(header, rows, meta, args.json)
     return rows
 
 

@@ -10,13 +10,12 @@ Liger cross-entropy, are timed on what they do compute and marked). Median of --
 """
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
+from common import print_table, copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
 
 import erm  # noqa: E402
 
@@ -99,17 +98,10 @@ def main(argv=None):
     meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n, v=args.v,
                 dtype=args.dtype, copy_gbps=bw / 1e6, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb,
                 torch=torch.__version__, reps=args.reps)
-    print(f"\n{meta['device']}, {meta['date']}, N={args.n}, V={args.v}, {args.dtype}; copy "
-          f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
+    header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, V={args.v}, {args.dtype}; copy "
+              f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
           f"{floor_fb:.3f} ms (three passes); median of {args.reps}")
-    print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
-              f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print_table(header, rows, meta, args.json)
     return rows
 
 

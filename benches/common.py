@@ -56,3 +56,18 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     import platform
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_table(header: str, rows, meta, json_path=None):
+    """Print the header line and a markdown table of the rows; optionally dump {meta, rows} JSON."""
+    import json
+
+    print(header)
+    print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
+              f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -26,7 +26,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
-import torch
 
 Messages = List[Dict[str, str]]
 Prompt = Union[str, Messages]

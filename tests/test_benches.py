@@ -2,7 +2,6 @@
 import importlib.util
 import pathlib
 
-import pytest
 
 BENCHES = pathlib.Path(__file__).resolve().parents[1] / "benches"
 
