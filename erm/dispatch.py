@@ -2,14 +2,17 @@
 or `torch` (chunked PyTorch, any device).
 
 `backend="auto"` (the default) picks, for CUDA tensors, the CUDA extension when it was built, else
-Triton, else torch; for CPU tensors, torch. The environment variable `ERM_BACKEND` overrides
-"auto" everywhere. Triton runs on CPU tensors only under `TRITON_INTERPRET=1` (how the test suite
+Triton, else torch; for CPU tensors, torch. When both compiled backends can run, "auto" times them
+once per (op, dtype, V, rows bucket) on the first call and keeps the faster (`fastest`; set
+`ERM_MEASURE=0` to skip and prefer cuda). The environment variable `ERM_BACKEND` overrides "auto"
+everywhere. Triton runs on CPU tensors only under `TRITON_INTERPRET=1` (how the test suite
 checks the kernels without a GPU). Set `ERM_LOG=debug` to log each choice.
 """
 import functools
 import importlib
 import logging
 import os
+import time
 
 log = logging.getLogger("erm")
 if os.environ.get("ERM_LOG", "").lower() == "debug":
@@ -90,3 +93,53 @@ def resolve(backend: str, device, dtype=None) -> str:
         if not on_cuda and not triton_interpret():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
     return backend
+
+
+_FASTEST = {}  # measured choices: key -> backend name
+
+
+def fastest(key, runners, *, reps: int = 5) -> str:
+    """The name of the fastest of `runners` ({name: zero-argument callable}), measured once and
+    cached under `key`: one warm-up call each (compilation, autotuning), then the median of `reps`
+    timed calls. A runner that raises is skipped; if all do, the first name is returned."""
+    if key in _FASTEST:
+        return _FASTEST[key]
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    times = {}
+    for name, run in runners.items():
+        try:
+            run()
+            sync()
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run()
+                sync()
+                samples.append(time.perf_counter() - t0)
+            times[name] = sorted(samples)[len(samples) // 2]
+        except Exception as exc:  # a backend that cannot run this shape is not chosen
+            log.debug("erm: %s failed while measuring %s: %s", name, key, exc)
+    choice = min(times, key=times.get) if times else next(iter(runners))
+    _FASTEST[key] = choice
+    log.debug("erm: measured %s: %s -> %s", key,
+              {k: f"{v * 1e3:.3f} ms" for k, v in times.items()}, choice)
+    return choice
+
+
+def choose(backend: str, device, dtype, key, runners=None) -> str:
+    """`resolve`, plus the measured choice between cuda and triton when "auto" could use both.
+
+    `runners(names)` builds {name: zero-argument callable} for the candidates; without it (e.g. in
+    a backward pass) the choice already measured under `key` is reused, if any."""
+    name = resolve(backend, device, dtype)
+    auto = backend == "auto" and os.environ.get("ERM_BACKEND", "auto").strip().lower() in ("", "auto")
+    if not (auto and name == "cuda" and _has_triton()) or os.environ.get("ERM_MEASURE") == "0":
+        return name
+    if key in _FASTEST or runners is None:
+        return _FASTEST.get(key, name)
+    return fastest(key, runners(("cuda", "triton")))

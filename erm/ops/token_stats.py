@@ -81,6 +81,13 @@ def _impl(name):
     raise AssertionError(name)
 
 
+def _measure_key(logits, with_entropy):
+    """What the cuda-vs-triton timing depends on: device, dtype, V, a power-of-two rows bucket."""
+    rows = max(1, logits.numel() // logits.shape[-1])
+    return ("token_stats", str(logits.device), logits.dtype, logits.shape[-1],
+            1 << (rows - 1).bit_length(), bool(with_entropy))
+
+
 def _compute_dtype_ok(logits, name):
     if logits.dtype == torch.float64 and name != "torch":
         raise TypeError("float64 logits are supported by the torch backend only")
@@ -90,7 +97,13 @@ def _compute_dtype_ok(logits, name):
 def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: int,
                     with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.check_target_range(targets, logits.shape[-1], ignore_index)
-    name = dispatch.resolve(backend, logits.device, logits.dtype)
+
+    def runners(names):
+        return {n: (lambda n=n: _impl(n)[0](logits, targets, alpha, ignore_index, with_entropy))
+                for n in names}
+
+    name = dispatch.choose(backend, logits.device, logits.dtype, _measure_key(logits, with_entropy),
+                           runners)
     _compute_dtype_ok(logits, name)
     fwd, _ = _impl(name)
     return tuple(fwd(logits, targets, alpha, ignore_index, with_entropy))
@@ -109,7 +122,8 @@ def _token_stats_backward_op(logits: Tensor, targets: Tensor, lse: Tensor, ent: 
                              g_lp: Optional[Tensor], g_lse: Optional[Tensor],
                              g_tl: Optional[Tensor], g_ent: Optional[Tensor], alpha: float,
                              ignore_index: int, backend: str) -> Tensor:
-    name = dispatch.resolve(backend, logits.device, logits.dtype)
+    name = dispatch.choose(backend, logits.device, logits.dtype,
+                           _measure_key(logits, ent.numel() > 0))
     _compute_dtype_ok(logits, name)
     _, bwd = _impl(name)
     cast = lambda g: None if g is None else g.to(_out_dtype(logits)).contiguous()  # noqa: E731
