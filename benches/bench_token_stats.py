@@ -15,18 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import print_table, copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
+from common import eager_stats, print_table, copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
 
 import erm  # noqa: E402
-
-
-def eager_stats(z, t):
-    zf = z.float()
-    lse = torch.logsumexp(zf, -1)
-    logp = zf - lse.unsqueeze(-1)
-    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return lp, lse, ent
 
 
 def make_cases(device, with_compile=True):

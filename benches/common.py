@@ -5,6 +5,16 @@ import time
 import torch
 
 
+def eager_stats(z, t):
+    """The plain PyTorch peer: logprob, lse and entropy per row of logits z (N, V), in float32."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, -1)
+    logp = zf - lse.unsqueeze(-1)
+    lp = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp, lse, ent
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.rows import row_layout
+
 _empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -161,20 +163,10 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_T
 
 
 def _layout(logits):
-    """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner) without copying when possible."""
-    v = logits.shape[-1]
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    try:
-        rows = logits.view(-1, v)
-        return rows, rows.shape[0], v, max(rows.shape[0], 1), 0, rows.stride(0)
-    except RuntimeError:
-        pass
-    if logits.dim() == 3:
-        b, t, _ = logits.shape
-        return logits, b * t, v, t, logits.stride(0), logits.stride(1)
-    rows = logits.contiguous().view(-1, v)
-    return rows, rows.shape[0], v, rows.shape[0], 0, rows.stride(0)
+    """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner); see erm.ops.rows.row_layout."""
+    z, inner, s_out, s_in = row_layout(logits)
+    v = z.shape[-1]
+    return z, z.numel() // v, v, inner, s_out, s_in
 
 
 def _sm_count(device) -> int:

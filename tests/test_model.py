@@ -13,14 +13,8 @@ from tests.tiny import tiny_model_and_tokenizer
 ARCHS = ["llama", "qwen2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared, busy CPU OpenMP threads
-    waiting for each other make a forward pass up to 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 Q = "What is the capital of France?"
 PROMPTS = [Q, "Hi", "You are a helpful assistant. Answer the question briefly and correctly.",
            [{"role": "user", "content": "What is 2+2?"}], Q, "Berlin?", "Tell me a story."]

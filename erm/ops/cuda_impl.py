@@ -7,9 +7,9 @@ whose leading dims collapse to rows, or a (B, T, V) tensor with arbitrary outer 
 `logits[:, :-1]`, are read in place; other layouts are copied once.
 """
 import torch
-from torch import Tensor
 
 from .. import dispatch
+from .rows import row_layout
 
 _FAKES_REGISTERED = False
 
@@ -44,37 +44,20 @@ def _register_fakes():
         pass
 
 
-def layout(logits: Tensor):
-    """(logits', inner_rows, stride_outer, stride_inner): row r of logits' starts at element
-    (r // inner_rows)·stride_outer + (r % inner_rows)·stride_inner, without a copy when possible."""
-    v = logits.shape[-1]
-    if v > 1 and logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    try:
-        rows = logits.view(-1, v)
-        return logits, rows.shape[0], 0, rows.stride(0)
-    except RuntimeError:
-        pass
-    if logits.dim() == 3:  # e.g. logits[:, :-1] of a (B, T, V) tensor
-        return logits, logits.shape[1], logits.stride(0), logits.stride(1)
-    logits = logits.contiguous()
-    n = logits.numel() // v
-    return logits, n, 0, v
-
-
 def forward(logits, targets, alpha, ignore_index, with_entropy):
     """CUDA forward: float32 (logprob, lse, target_logit, entropy) shaped like targets; entropy is
     an empty (0,) tensor when with_entropy is False."""
     ops = _ops()
-    z, inner, s_outer, s_inner = layout(logits)
-    t = targets.reshape(-1)
-    if t.dtype != torch.int64:
-        t = t.long()
-    t = t.contiguous()
+    z, inner, s_outer, s_inner = row_layout(logits)
+    t = _flat_targets(targets)
     lp, lse, tl, ent = ops.token_stats_fwd(z, t, float(alpha), int(ignore_index), bool(with_entropy),
                                            int(inner), int(s_outer), int(s_inner))
     shape = targets.shape
     return lp.view(shape), lse.view(shape), tl.view(shape), ent.view(shape) if with_entropy else ent
+
+
+def _flat_targets(targets):
+    return targets.reshape(-1).long().contiguous()
 
 
 def _rows(t):
@@ -87,11 +70,8 @@ def backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_
     """CUDA backward: d(loss)/d(logits), logits.shape and logits.dtype, contiguous. Upstream grads
     are float32 shaped like targets, or None (zero)."""
     ops = _ops()
-    z, inner, s_outer, s_inner = layout(logits)
-    t = targets.reshape(-1)
-    if t.dtype != torch.int64:
-        t = t.long()
-    t = t.contiguous()
+    z, inner, s_outer, s_inner = row_layout(logits)
+    t = _flat_targets(targets)
     if g_ent is None:
         ent_rows = lse.new_empty((0,), dtype=torch.float32)
     else:
