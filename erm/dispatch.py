@@ -45,6 +45,22 @@ def cuda_extension():
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _check_interpreter():
+    """Triton < 3.7's interpreter hands program ids to Python as 1-element arrays, which
+    NumPy >= 2.4 refuses to turn into loop bounds: say so instead of failing inside a kernel."""
+    import numpy
+    import triton
+
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        raise RuntimeError(
+            f"the Triton {triton.__version__} interpreter cannot run erm's kernels with NumPy "
+            f"{numpy.__version__} (fixed in Triton 3.7): install numpy<2.4 or triton>=3.7, or run "
+            "the triton backend on a GPU")
+
+
 def backends() -> dict:
     """What can run here: {name: bool} for "cuda", "triton" (GPU or interpreter) and "torch"."""
     import torch
@@ -92,6 +108,8 @@ def resolve(backend: str, device, dtype=None) -> str:
             raise RuntimeError("backend='triton' but triton is not installed")
         if not on_cuda and not triton_interpret():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if not on_cuda:
+            _check_interpreter()
     return backend
 
 

@@ -89,3 +89,21 @@ def test_auto_measures_on_gpu():
     assert choice in ("cuda", "triton")
     ref = erm.token_stats(z.detach(), t, entropy=True, backend=choice)
     assert torch.equal(st.lse, ref.lse)
+
+
+def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
+    """Triton < 3.7's interpreter cannot turn program ids into loop bounds under NumPy >= 2.4:
+    the triton backend on CPU says so before any kernel runs."""
+    import numpy
+
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch._check_interpreter.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match="numpy<2.4 or triton>=3.7"):
+        dispatch.resolve("triton", torch.device("cpu"), torch.float32)
+    dispatch._check_interpreter.cache_clear()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert dispatch.resolve("triton", torch.device("cpu"), torch.float32) == "triton"
+    dispatch._check_interpreter.cache_clear()
