@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import autotune
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DZ_BUDGET_BYTES = 256 * 2**20  # bound on the dz chunk buffer of the deterministic backward
@@ -115,7 +117,7 @@ def _heuristics(fn):
     return triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(fn)
 
 
-@triton.autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
 @_heuristics
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
@@ -180,7 +182,7 @@ def _dz_tile(z, rows, cols, row_ok, col_ok, tgt, lse, c, gh, ent, tw, inv_alpha,
     return dz + tl.where(hit, tw[:, None], 0.0)
 
 
-@triton.autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
 @_heuristics
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr, dz_ptr,
@@ -208,7 +210,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"],
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"],
                  reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 @_heuristics
 @triton.jit

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..ops.rows import row_layout
+from .autotune import autotune
 
 _empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
 LOG2E = 1.4426950408889634
@@ -158,8 +159,8 @@ _FWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (2048, 4096,
                 if b // (32 * w) >= 8]
 _BWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)
                 if b // (32 * w) >= 8]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["V", "SPLITS", "WITH_ENT"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HAS_ENT"])(_bwd_kernel)
+_fwd_tuned = autotune(_FWD_CONFIGS, key=["V", "SPLITS", "WITH_ENT"])(_fwd_kernel)
+_bwd_tuned = autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HAS_ENT"])(_bwd_kernel)
 
 
 def _layout(logits):

@@ -48,10 +48,12 @@ def compile_kernel(kernel, target, ptrs, floats, consts, num_warps=8, num_stages
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name.startswith("s_") else "i32"
-    attrs = {}
-    if aligned:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jf.arg_names)
-                 if sig[name].startswith("*") or name in ALIGNED_INTS}
+    aligned_idx = [i for i, name in enumerate(jf.arg_names)
+                   if aligned and (sig[name].startswith("*") or name in ALIGNED_INTS)]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned_idx}
+    if hasattr(triton.backends.compiler, "AttrsDescriptor"):  # Triton < 3.3
+        attrs = triton.backends.compiler.AttrsDescriptor.from_hints({i: 16 for i in aligned_idx})
+        sig = {k: v for k, v in sig.items() if v != "constexpr"}
     c = triton.compile(ASTSource(jf, sig, consts, attrs), target=target,
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     assert c.asm["ptx"], jf.__name__
