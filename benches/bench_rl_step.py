@@ -12,8 +12,13 @@ backward. Two ways to get the log-probs and entropies:
 Default shape: Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864,
 vocab 151936, tied embeddings), random weights in bf16, a batch of 8×1024 tokens.
 
-    python benches/bench_rl_step.py                       # needs a CUDA GPU
+    python benches/bench_rl_step.py                       # on a CUDA GPU
+    python benches/bench_rl_step.py --device cpu --dtype float32 --batch 2 --seq 512
     python benches/bench_rl_step.py --layers 2 --batch 2 --seq 256    # smoke run
+
+On a GPU memory is torch's peak allocated memory; on CPU it is the process's peak resident set
+size (VmHWM, reset through /proc/self/clear_refs before each path), which also counts what the
+allocator keeps cached, so treat CPU memory numbers as upper bounds.
 
 Prints a markdown table (median step time, peak memory allocated, tokens/s) and the relative
 difference of the two losses.
@@ -60,6 +65,29 @@ def plain_stats(model, ids, alpha):
     return lp, ent
 
 
+def _proc_kib(field):
+    """VmRSS / VmHWM of this process in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak():
+    """Reset the process's peak RSS (VmHWM) so the next reading covers only what follows;
+    False where Linux's /proc/self/clear_refs is not writable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run(args):
     from erm.rl import ppo_loss
 
@@ -91,6 +119,9 @@ def run(args):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
+            else:  # CPU: peak resident set size of the process over the timed steps
+                cpu_peak_ok = _reset_cpu_peak()
+                base = _proc_kib("VmRSS")
             for _ in range(args.reps):
                 if device.type == "cuda":
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,8 +136,14 @@ def run(args):
                     step()
                     times.append((time.perf_counter() - t0) * 1e3)
             ms = statistics.median(times)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+            elif cpu_peak_ok and base is not None:
+                hwm = _proc_kib("VmHWM")
+                peak, extra = hwm / 2**20, (hwm - base) / 2**20
+            else:
+                peak = extra = float("nan")
             rows.append({"name": name, "ms": ms, "peak_gib": peak, "extra_gib": extra,
                          "tok_s": b * t / ms * 1e3})
         except torch.OutOfMemoryError:
@@ -133,7 +170,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda",
-                   help="cuda (default); 'cpu' only for smoke runs of the script itself")
+                   help="cuda (default) or cpu (memory is then the process's peak resident set "
+                        "size over the timed steps, from /proc)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_rl_step: needs a CUDA GPU (none found); nothing measured. "

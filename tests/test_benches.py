@@ -20,3 +20,19 @@ def test_bench_token_stats_smoke(capsys):
     assert "erm (torch)" in names and "torch eager" in names
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
     assert "| op |" in capsys.readouterr().out
+
+
+def test_bench_rl_step_smoke(capsys):
+    import math
+
+    rows = _load("bench_rl_step").main(
+        ["--device", "cpu", "--dtype", "float32", "--layers", "1", "--hidden", "32", "--heads", "4",
+         "--kv-heads", "2", "--intermediate", "64", "--vocab", "500", "--batch", "2", "--seq", "16",
+         "--reps", "2", "--warmup", "1"])
+    assert [r["name"].split()[0] for r in rows] == ["fused", "plain"]
+    for r in rows:
+        assert r["ms"] > 0 and r["tok_s"] > 0
+        if pathlib.Path("/proc/self/clear_refs").exists():
+            assert math.isfinite(r["peak_gib"]) and r["peak_gib"] > 0
+    out = capsys.readouterr().out
+    assert "| path |" in out and "rel. diff" in out
