@@ -17,8 +17,9 @@ vocab 151936, tied embeddings), random weights in bf16, a batch of 8×1024 token
     python benches/bench_rl_step.py --layers 2 --batch 2 --seq 256    # smoke run
 
 On a GPU memory is torch's peak allocated memory; on CPU it is the process's peak resident set
-size (VmHWM, reset through /proc/self/clear_refs before each path), which also counts what the
-allocator keeps cached, so treat CPU memory numbers as upper bounds.
+size (VmHWM, reset through /proc/self/clear_refs before the timed steps), which also counts what
+the allocator keeps cached, so treat CPU memory numbers as upper bounds; each path then runs in
+its own process (`--no-isolate` to turn that off).
 
 Prints a markdown table (median step time, peak memory allocated, tokens/s) and the relative
 difference of the two losses.
@@ -88,6 +89,30 @@ def _reset_cpu_peak():
         return False
 
 
+PATHS = (("fused (erm.linear_token_stats)", fused_stats),
+         ("plain (logits → log_softmax)", plain_stats))
+
+
+def run_isolated(args, argv):
+    """CPU: each path in a fresh process, so that one path's peak resident memory does not
+    include what the other left cached."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows, losses = [], {}
+    for name, _ in PATHS:
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "r.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--path",
+                            name.split()[0], "--json", out, "--quiet"], check=True)
+            with open(out) as f:
+                got = json.load(f)
+        rows += got["rows"]
+        losses.update(got["losses"])
+    return rows, losses
+
+
 def run(args):
     from erm.rl import ppo_loss
 
@@ -102,8 +127,9 @@ def run(args):
     mask = torch.ones(b, t - 1, dtype=torch.bool, device=device)
     mask[:, : t // 4] = False                                       # the prompt part
     rows, losses = [], {}
-    for name, fn in (("fused (erm.linear_token_stats)", fused_stats),
-                     ("plain (logits → log_softmax)", plain_stats)):
+    for name, fn in PATHS:
+        if args.path != "both" and not name.startswith(args.path):
+            continue
         def step():
             model.zero_grad(set_to_none=False)
             lp, ent = fn(model, ids, args.alpha)
@@ -172,12 +198,29 @@ def main(argv=None):
     p.add_argument("--device", default="cuda",
                    help="cuda (default) or cpu (memory is then the process's peak resident set "
                         "size over the timed steps, from /proc)")
+    p.add_argument("--path", default="both", choices=["both", "fused", "plain"])
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each path in its own process (default: on CPU)")
+    p.add_argument("--json", help="also write the rows and losses to this file")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_rl_step: needs a CUDA GPU (none found); nothing measured. "
               "(--device cpu runs a smoke test of the script.)")
         return []
-    rows, losses = run(args)
+    isolate = args.isolate if args.isolate is not None else args.device == "cpu"
+    if isolate and args.path == "both":
+        rows, losses = run_isolated(args, argv)
+    else:
+        rows, losses = run(args)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "losses": losses}, f)
+    if args.quiet:
+        return rows
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"\nOne policy update (fwd+bwd of log-probs + entropy + k3 KL + PPO-clip), "
           f"{args.batch}×{args.seq} tokens, Qwen2-shape hidden {args.hidden}, {args.layers} layers, "
