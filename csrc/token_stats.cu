@@ -329,7 +329,8 @@ __global__ void __launch_bounds__(256)
 // Backward.
 struct RowGrad {
   float ia2;    // log2(e)/α
-  float lse2;   // lse·log2(e)
+  float lse2;   // lse·log2(e), rounded to float32
+  float lse2_lo;  // its rounding error: lse·log2(e) = lse2 + lse2_lo exactly (FMA)
   float c;      // (g_lse − g_lp − g_H·H)/α
   float g2;     // g_H/α · ln 2  (d is in base-2 units)
   float tadd;   // g_lp/α + g_tl on the target column (valid rows)
@@ -337,26 +338,34 @@ struct RowGrad {
 };
 
 __device__ __forceinline__ float grad_elem(float z, const RowGrad& r) {
-  const float d = fmaf(z, r.ia2, -r.lse2);  // (x − lse)·log2(e)
+  // (x − lse)·log2(e) = z·ia2 − lse2 − lse2_lo: the FMA rounds once, relative to the small
+  // result, and lse2_lo takes back the rounding of lse·log2(e) (≈ 1e-3 at |lse| ≈ 1e4)
+  const float d = fmaf(z, r.ia2, -r.lse2) - r.lse2_lo;
   const float p = exp2f(d);
   const float g = p * fmaf(-r.g2, d, r.c);
   return p == 0.f ? 0.f : g;  // p = 0 (e.g. z = −inf): no contribution, even if g2·d overflows
 }
 
 template <DType D>
-__device__ __forceinline__ void bwd_block(const BwdArgs& a, int64_t bid, int chunks, int64_t chunk);
+__device__ __forceinline__ void bwd_block(const BwdArgs& a, int64_t bid, int chunks, int64_t chunk,
+                                          float inv_alpha, float ia2);
 
+// inv_alpha = 1/α and ia2 = log2(e)/α come from the host, correctly rounded (device division
+// under --use_fast_math is approximate), and equal to the forward's constant.
 template <DType D>
 __global__ void __launch_bounds__(kBwdMaxThreads)
-    bwd_kernel(const BwdArgs a, const int chunks, const int64_t chunk) {
+    bwd_kernel(const BwdArgs a, const int chunks, const int64_t chunk, const float inv_alpha,
+               const float ia2) {
   const int64_t total = a.n * chunks;
-  for (int64_t bid = blockIdx.x; bid < total; bid += gridDim.x) bwd_block<D>(a, bid, chunks, chunk);
+  for (int64_t bid = blockIdx.x; bid < total; bid += gridDim.x)
+    bwd_block<D>(a, bid, chunks, chunk, inv_alpha, ia2);
 }
 
 // One (row, vocabulary chunk) of the backward, by the whole CTA.
 template <DType D>
 __device__ __forceinline__ void bwd_block(const BwdArgs& a, const int64_t bid, const int chunks,
-                                          const int64_t chunk) {
+                                          const int64_t chunk, const float inv_alpha,
+                                          const float ia2) {
   using E = Elem<D>;
   using T = typename E::T;
   constexpr int V = E::kVec;
@@ -369,14 +378,15 @@ __device__ __forceinline__ void bwd_block(const BwdArgs& a, const int64_t bid, c
   {
     const int64_t t = a.targets[row];
     const bool valid = t != a.ignore_index && t >= 0 && t < a.v;
-    const float inv_alpha = 1.f / a.alpha;
     const float glp = (valid && a.g_logprob) ? a.g_logprob[row] : 0.f;
     const float glse = a.g_lse ? a.g_lse[row] : 0.f;
     const float gtl = (valid && a.g_target_logit) ? a.g_target_logit[row] : 0.f;
     const float gh = a.g_entropy ? a.g_entropy[row] : 0.f;
     const float h = a.g_entropy ? a.entropy[row] : 0.f;
-    r.ia2 = kLog2e / a.alpha;
-    r.lse2 = a.lse[row] * kLog2e;
+    const float lse = a.lse[row];
+    r.ia2 = ia2;
+    r.lse2 = lse * kLog2e;
+    r.lse2_lo = fmaf(lse, kLog2e, -r.lse2);
     r.c = (glse - glp - gh * h) * inv_alpha;
     r.g2 = gh * inv_alpha * kLn2;
     r.tadd = valid ? fmaf(glp, inv_alpha, gtl) : 0.f;
@@ -537,15 +547,20 @@ void launch_backward(const BwdArgs& a, int device, cudaStream_t stream) {
       threads_for(cdiv(std::min<int64_t>(chunk, a.v), vec), kBwdUnroll, 64, kBwdMaxThreads);
   // grid-stride over (row, chunk) blocks beyond 2^31 − 1 of them
   const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(a.n * chunks, 0x7fffffff));
+  const float inv_alpha = 1.f / a.alpha;  // host: IEEE division
+  const float ia2 = kLog2e / a.alpha;     // the forward's c2
   switch (a.dtype) {
     case DType::kFloat32:
-      bwd_kernel<DType::kFloat32><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk);
+      bwd_kernel<DType::kFloat32><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk,
+                                                                 inv_alpha, ia2);
       break;
     case DType::kBFloat16:
-      bwd_kernel<DType::kBFloat16><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk);
+      bwd_kernel<DType::kBFloat16><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk,
+                                                                 inv_alpha, ia2);
       break;
     case DType::kFloat16:
-      bwd_kernel<DType::kFloat16><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk);
+      bwd_kernel<DType::kFloat16><<<grid, threads, 0, stream>>>(a, static_cast<int>(chunks), chunk,
+                                                                 inv_alpha, ia2);
       break;
   }
 }

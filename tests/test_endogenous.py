@@ -8,6 +8,7 @@ from erm import dispatch
 from .reference import endogenous_ref
 
 BACKENDS = ["torch"] + (["triton"] if dispatch.backends()["triton"] else [])
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the backends run (the reference: CPU)
 
 
 def _inputs(b=3, t=9, v=61, seed=0):
@@ -26,8 +27,10 @@ def test_matches_formula(backend, alpha, gamma):
     mask[1, 2:6] = True         # right padding after the response
     mask[2, 7:9] = True         # short response, left-padded-style prompt
     term = torch.tensor([True, False, True])
-    r = erm.endogenous_rewards(logits, ids, response_mask=mask, alpha=alpha, gamma=gamma,
-                               terminated=term, backend=backend)
+    r = erm.endogenous_rewards(logits.to(DEV), ids.to(DEV), response_mask=mask.to(DEV),
+                               alpha=alpha, gamma=gamma, terminated=term.to(DEV), backend=backend)
+    assert r.device.type == DEV
+    r = r.cpu()
     ref = endogenous_ref(logits, ids, mask, alpha, gamma, term)
     assert r.dtype == torch.float32 and r.shape == (3, 9)
     assert torch.allclose(r.double(), ref, atol=1e-4, rtol=1e-5)

@@ -17,6 +17,9 @@ from erm import dispatch
 from .reference import rel_err, token_stats_ref
 
 BACKENDS = ["torch"] + (["triton"] if dispatch.backends()["triton"] else [])
+# Inputs are drawn on the CPU (reproducible) and moved to where the kernels run: the GPU when there
+# is one, else the CPU (Triton through the interpreter). The float64 reference runs there too.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 IGN = -100
 F32_TOL = 2e-5
 
@@ -26,7 +29,15 @@ def _kernels():
     return k
 
 
-def _inputs(n, d, v, *, bias=True, dtype=torch.float32, scale=1.0, seed=0, ignore=True):
+def _inputs(n, d, v, *, bias=True, dtype=torch.float32, scale=1.0, seed=0, ignore=True,
+            device=DEV):
+    h, w, b, t, ups = _cpu_inputs(n, d, v, bias=bias, dtype=dtype, scale=scale, seed=seed,
+                                  ignore=ignore)
+    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return to(h), to(w), to(b), to(t), [to(u) for u in ups]
+
+
+def _cpu_inputs(n, d, v, *, bias, dtype, scale, seed, ignore):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(n, d, generator=g) * scale).to(dtype)
     w = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
@@ -94,8 +105,9 @@ def test_triton_split_paths(monkeypatch, deterministic):
     k = _kernels()
     monkeypatch.setattr(k, "TARGET_PROGRAMS", 64)       # 3 token blocks -> vocab split in 4
     monkeypatch.setattr(k, "DZ_BUDGET_BYTES", 37 * 4 * 32)  # 32-column dz chunks
-    h, w, b, t, ups = _inputs(37, 24, 97, scale=2.0)
-    assert k._fwd_chunks(37, 97, h.device)[1] > 1
+    v = 97 if k.INTERPRET else 1000  # chunks are multiples of 32 (interpreter) / 256 (GPU)
+    h, w, b, t, ups = _inputs(37, 24, v, scale=2.0)
+    assert k._fwd_chunks(37, v, h.device)[1] > 1
     _check(h, w, b, t, ups, 0.7, "triton", F32_TOL, deterministic=deterministic)
 
 
@@ -152,10 +164,10 @@ def test_tied_embedding(backend):
     """The LM-head weight is the input embedding: both uses' gradients accumulate."""
     g = torch.Generator().manual_seed(3)
     v, d, bsz, T = 50, 16, 2, 6
-    emb0 = torch.randn(v, d, generator=g) * 0.3
-    mix0 = torch.randn(d, d, generator=g) / d ** 0.5
-    ids = torch.randint(0, v, (bsz, T), generator=g)
-    u = torch.randn(bsz, T, generator=g)
+    emb0 = (torch.randn(v, d, generator=g) * 0.3).to(DEV)
+    mix0 = (torch.randn(d, d, generator=g) / d ** 0.5).to(DEV)
+    ids = torch.randint(0, v, (bsz, T), generator=g).to(DEV)
+    u = torch.randn(bsz, T, generator=g).to(DEV)
 
     def loss(emb, mix, lm):
         hidden = torch.tanh(emb[ids] @ mix)                      # (B, T, D)
@@ -182,9 +194,9 @@ def test_tied_embedding(backend):
 def test_leading_dims_views_and_frozen_weight(backend):
     """(B, T, D) hidden sliced as hidden[:, :-1] (non-contiguous), weight without grad."""
     g = torch.Generator().manual_seed(5)
-    hid = torch.randn(2, 7, 16, generator=g)
-    w = torch.randn(50, 16, generator=g) / 4
-    t = torch.randint(0, 50, (2, 6), generator=g)
+    hid = torch.randn(2, 7, 16, generator=g).to(DEV)
+    w = (torch.randn(50, 16, generator=g) / 4).to(DEV)
+    t = torch.randint(0, 50, (2, 6), generator=g).to(DEV)
     hh = hid.clone().requires_grad_()
     st = erm.linear_token_stats(hh[:, :-1], w, t, backend=backend)
     assert st.logprob.shape == (2, 6) and st.entropy is None
@@ -226,14 +238,14 @@ def test_gradcheck_float64_torch():
 
 def test_auto_backend_cpu_is_torch():
     assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
-    h, w, b, t, _ = _inputs(3, 16, 50)
+    h, w, b, t, _ = _inputs(3, 16, 50, device="cpu")
     a = erm.linear_token_stats(h, w, t, bias=b)
     c = erm.linear_token_stats(h, w, t, bias=b, backend="torch")
     assert all(torch.equal(x, y) for x, y in zip(a[:3], c[:3]))
 
 
 def test_bad_inputs():
-    h, w, b, t, _ = _inputs(4, 16, 50)
+    h, w, b, t, _ = _inputs(4, 16, 50, device="cpu")
     f = erm.linear_token_stats
     with pytest.raises(ValueError, match="D="):
         f(h, w[:, :8], t)
@@ -269,7 +281,7 @@ def test_bad_inputs():
         f(h, w, t, backend="cuda")
     if "triton" in BACKENDS:
         with pytest.raises(TypeError, match="float64"):
-            f(h.double(), w.double(), t, backend="triton")
+            f(h.double().to(DEV), w.double().to(DEV), t.to(DEV), backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -294,15 +306,15 @@ def test_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_endogenous_rewards(backend):
     g = torch.Generator().manual_seed(2)
-    hid = torch.randn(3, 8, 16, generator=g)
-    w = torch.randn(50, 16, generator=g) / 2
-    b = torch.randn(50, generator=g)
-    ids = torch.randint(0, 50, (3, 8), generator=g)
-    mask = torch.zeros(3, 8, dtype=torch.bool)
+    hid = torch.randn(3, 8, 16, generator=g).to(DEV)
+    w = (torch.randn(50, 16, generator=g) / 2).to(DEV)
+    b = torch.randn(50, generator=g).to(DEV)
+    ids = torch.randint(0, 50, (3, 8), generator=g).to(DEV)
+    mask = torch.zeros(3, 8, dtype=torch.bool, device=DEV)
     mask[0, 3:] = True
     mask[1, 2:5] = True
     mask[2, 6:] = True
-    term = torch.tensor([True, False, True])
+    term = torch.tensor([True, False, True], device=DEV)
     kw = dict(response_mask=mask, alpha=0.7, gamma=0.9, terminated=term)
     hh = hid.clone().requires_grad_()
     r = erm.linear_endogenous_rewards(hh, w, ids, bias=b, backend=backend, **kw)

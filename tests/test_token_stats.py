@@ -15,7 +15,9 @@ BACKENDS = ["torch"] + (["triton"] if dispatch.backends()["triton"] else []) + \
     (["cuda"] if dispatch.backends()["cuda"] else [])
 DEV = "cuda" if GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # outputs are fp32 of exact inputs
-GTOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # grads are stored in input dtype
+# grads are stored in the input dtype; float32: 5e-6 (observed ~1e-6 here; a GPU's FMA contraction
+# and other random draws push single-row cases past 2e-6)
+GTOL = {torch.float32: 5e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def _poison(monkeypatch):
@@ -76,12 +78,15 @@ def test_extreme_values(backend, monkeypatch):
     z[5] = -1e4 + torch.randn(v, device=DEV)
     t = torch.tensor([7, 4, 0, 5, v - 1, 100], device=DEV)
     # lse is saved in float32; at |lse| ≈ 1e4 its ulp is 1e-3, so p = exp(x − lse) recomputed in
-    # the backward carries ~5e-4 relative error on those rows: the gradient gets 1e-4 overall.
-    st = _check(z, t, backend, alpha=1.0, gtol=1e-4)
+    # the backward carries ~5e-4 relative error on those rows: the gradient gets 1e-4 overall with
+    # these (CPU) draws. On a GPU the draws differ and the compilers contract x·c − lse·c into
+    # FMAs, which moves the rounding: up to the ulp of lse itself (2e-3 at |lse| ≈ 3e4).
+    gtol = 1e-4 if DEV == "cpu" else 2e-3
+    st = _check(z, t, backend, alpha=1.0, gtol=gtol)
     assert torch.isfinite(st.entropy).all()
     assert abs(st.entropy[2].item() - torch.log(torch.tensor(float(v))).item()) < 1e-5
     assert abs(st.entropy[4].item()) < 1e-6 and abs(st.logprob[4].item()) < 1e-6
-    _check(z, t, backend, alpha=2.5, gtol=1e-4)
+    _check(z, t, backend, alpha=2.5, gtol=gtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
