@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import print_table, device_name, peak_extra_mib, sync, time_ms  # noqa: E402
+from common import plot_ratios, print_table, device_name, peak_extra_mib, sync, time_ms  # noqa: E402
 
 import common  # noqa: E402
 import erm  # noqa: E402
@@ -76,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.device is None:
@@ -140,6 +141,8 @@ def main(argv=None):
               f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
               f"{floor_fb:.3f} ms); median of {args.reps}")
     print_table(header, rows, meta, args.json)
+    if args.plot and rows:
+        plot_ratios(rows, meta, args.plot, "fused LM head, N={n}, D={d}, V={v}, {dtype}".format(**meta), targets=(1.10, 1.25))
     return rows
 
 

@@ -15,7 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import eager_stats, print_table, copy_bandwidth, device_name, peak_extra_mib, time_ms  # noqa: E402
+from common import (copy_bandwidth, device_name, eager_stats, peak_extra_mib, plot_ratios,  # noqa: E402
+                    print_table, time_ms)
 
 import erm  # noqa: E402
 
@@ -48,11 +49,18 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.device is None:
+        if not torch.cuda.is_available():
+            print("bench_token_stats: no CUDA device; this is a GPU benchmark "
+                  "(pass --device cpu for a smoke run)")
+            return []
+        args.device = "cuda"
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -93,6 +101,8 @@ def main(argv=None):
               f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
           f"{floor_fb:.3f} ms (three passes); median of {args.reps}")
     print_table(header, rows, meta, args.json)
+    if args.plot and rows:
+        plot_ratios(rows, meta, args.plot, "erm.token_stats, N={n}, V={v}, {dtype}".format(**meta), targets=(1.05, 1.15))
     return rows
 
 

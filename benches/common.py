@@ -81,3 +81,35 @@ def print_table(header: str, rows, meta, json_path=None):
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def plot_ratios(rows, meta, path, title, targets=(None, None)):
+    """Bar chart of each op's time over its floor (forward; forward+backward), with the issue's
+    targets as dashed lines, saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.55 * len(rows) + 1.8), sharey=True)
+    for ax, key, label, target in zip(axes, ("fwd_ratio", "fwdbwd_ratio"),
+                                      ("forward / floor", "forward+backward / floor"), targets):
+        vals = [r[key] for r in rows]
+        colors = ["tab:blue" if n.startswith("erm") else "tab:gray" for n in names]
+        ax.barh(range(len(rows)), vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.2f}x", va="center", fontsize=9)
+        ax.axvline(1.0, color="black", lw=1)
+        if target:
+            ax.axvline(target, color="tab:red", ls="--", lw=1, label=f"target {target}x")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(vals + [target or 0, 1.0]) * 1.25)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels(names)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{title} — {meta['device']}, {meta['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -5,35 +5,38 @@
 #   run(command="bash benches/gpu_session.sh bench", carry=[".whl"])   # the three benches
 #
 # (`all` does both, for a machine without the 10-minute limit.) Every step has its own time limit
-# so that one slow step cannot eat the others; logs and JSON go to $OUT. The CUDA extension is
+# so that one slow step cannot eat the others. Logs, JSON and PNGs are written to $LOGS and packed
+# into one archive in $OUT (the device tool brings back at most 8 files). The CUDA extension is
 # built for this GPU's architecture only; a second call on the still-warm machine rebuilds nothing.
 # Optional peers (liger-kernel, cut-cross-entropy) travel as wheels in .whl/ (see the device
 # tool's README); they are installed into /tmp/site when present, else those rows are missing.
 set -uo pipefail
 part=${1:-all}
 OUT=${OUT:-/tmp/erm-out}; mkdir -p "$OUT"
+LOGS=/tmp/erm-gpu-$part; rm -rf "$LOGS"; mkdir -p "$LOGS"
+trap 'tar czf "$OUT/gpu_session_$part.tgz" -C "$LOGS" . && echo "results: $OUT/gpu_session_$part.tgz"' EXIT
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, show the tail
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOGS/NAME.log, show the tail
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  tail -n 15 "$OUT/$name.log"
+  tail -n 15 "$LOGS/$name.log"
   [ $rc -eq 124 ] && echo "!! $name: time limit reached"
   echo "== $name: exit $rc"
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-arch=$(python3 -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$LOGS/gpu.txt"
+arch=${ERM_GPU_ARCH:-$(python3 -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")}
 step build 240 env ERM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
   python3 -m pip install --no-build-isolation --no-deps -e .
 python3 -c "import erm, torch, triton; print(erm.backends(), 'torch', torch.__version__, 'triton', triton.__version__)" \
-  | tee "$OUT/backends.txt"
+  | tee "$LOGS/backends.txt"
 
 if [ "$part" = check ] || [ "$part" = all ]; then
   # The CPU-side build checks (JIT build, sm_90 ptxas) are CI's; here the installed erm._C is used.
@@ -41,21 +44,25 @@ if [ "$part" = check ] || [ "$part" = all ]; then
     tests/test_cuda_ext.py tests/test_token_stats.py tests/test_endogenous.py \
     tests/test_linear_token_stats.py tests/test_dispatch.py \
     -k "not builds_and_registers and not compile_for_sm90"
-  if command -v compute-sanitizer >/dev/null; then
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+        /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$san" ]; then
     # No caching allocator, so out-of-bounds accesses are not hidden inside cached blocks.
     for tool in memcheck racecheck; do
       step "sanitizer_$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 9 \
+        "$san" --tool $tool --print-limit 20 --error-exitcode 9 \
         python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ext.py \
         -k "(matches_float64 and 7-1000) or (strided_view and 300-1000)"
     done
   else
-    echo "compute-sanitizer not found" | tee "$OUT/sanitizer_memcheck.log"
+    echo "compute-sanitizer not found" | tee "$LOGS/sanitizer_memcheck.log"
   fi
 fi
 
 if [ "$part" = bench ] || [ "$part" = all ]; then
-  step bench_token_stats 200 python3 benches/bench_token_stats.py --json "$OUT/token_stats.json"
-  step bench_linear 240 python3 benches/bench_linear_token_stats.py --json "$OUT/linear.json"
-  step bench_rl 150 python3 benches/bench_rl_step.py --json "$OUT/rl_step.json"
+  step bench_token_stats 200 python3 benches/bench_token_stats.py --json "$LOGS/token_stats.json" \
+    --plot "$LOGS/token_stats.png"
+  step bench_linear 240 python3 benches/bench_linear_token_stats.py --json "$LOGS/linear.json" \
+    --plot "$LOGS/linear_token_stats.png"
+  step bench_rl 150 python3 benches/bench_rl_step.py --json "$LOGS/rl_step.json"
 fi
