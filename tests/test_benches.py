@@ -13,9 +13,12 @@ def _load(name):
     return mod
 
 
-def test_bench_token_stats_smoke(capsys):
+def test_bench_token_stats_smoke(capsys, tmp_path):
+    png = tmp_path / "ratios.png"
     rows = _load("bench_token_stats").main(
-        ["--device", "cpu", "--n", "8", "--v", "500", "--dtype", "float32", "--reps", "2", "--no-compile"])
+        ["--device", "cpu", "--n", "8", "--v", "500", "--dtype", "float32", "--reps", "2", "--no-compile",
+         "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = [r["name"] for r in rows]
     assert "erm (torch)" in names and "torch eager" in names
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
