@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs to check and measure, in two device calls of under 10 minutes:
+# Everything a GPU session needs to check and measure, in device calls of under 10 minutes each:
 #
-#   run(command="bash benches/gpu_session.sh check", carry=[".whl"])   # build, GPU tests, sanitizer
-#   run(command="bash benches/gpu_session.sh bench", carry=[".whl"])   # the three benches
+#   run(command="bash benches/gpu_session.sh check", carry=[".whl"])        # build, GPU tests, sanitizer
+#   run(command="bash benches/gpu_session.sh token_stats rl", carry=[".whl"])  # issue 2/3 and 6 benches
+#   run(command="bash benches/gpu_session.sh linear", carry=[".whl"])       # issue 4 bench
 #
-# (`all` does both, for a machine without the 10-minute limit.) Every step has its own time limit
+# Parts: check, token_stats, linear, rl; `bench` = the three benches, `all` = everything (for a
+# machine without the 10-minute limit). Every step has its own time limit
 # so that one slow step cannot eat the others. Logs, JSON and PNGs are written to $LOGS and packed
 # into one archive in $OUT (the device tool brings back at most 8 files). The CUDA extension is
 # built for this GPU's architecture only; a second call on the still-warm machine rebuilds nothing.
 # Optional peers (liger-kernel, cut-cross-entropy) travel as wheels in .whl/ (see the device
 # tool's README); they are installed into /tmp/site when present, else those rows are missing.
 set -uo pipefail
-part=${1:-all}
+parts=" ${*:-all} "
+has() { [[ "$parts" == *" $1 "* || "$parts" == *" all "* ]] || { [[ "$parts" == *" bench "* ]] && [ "$1" != check ]; }; }
+part=$(echo ${*:-all} | tr ' ' '_')
 OUT=${OUT:-/tmp/erm-out}; mkdir -p "$OUT"
 LOGS=/tmp/erm-gpu-$part; rm -rf "$LOGS"; mkdir -p "$LOGS"
 trap 'tar czf "$OUT/gpu_session_$part.tgz" -C "$LOGS" . && echo "results: $OUT/gpu_session_$part.tgz"' EXIT
@@ -38,7 +42,7 @@ step build 240 env ERM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
 python3 -c "import erm, torch, triton; print(erm.backends(), 'torch', torch.__version__, 'triton', triton.__version__)" \
   | tee "$LOGS/backends.txt"
 
-if [ "$part" = check ] || [ "$part" = all ]; then
+if has check; then
   # The CPU-side build checks (JIT build, sm_90 ptxas) are CI's; here the installed erm._C is used.
   step tests 240 python3 -m pytest -q --maxfail=30 -p no:cacheprovider \
     tests/test_cuda_ext.py tests/test_token_stats.py tests/test_endogenous.py \
@@ -59,10 +63,14 @@ if [ "$part" = check ] || [ "$part" = all ]; then
   fi
 fi
 
-if [ "$part" = bench ] || [ "$part" = all ]; then
-  step bench_token_stats 200 python3 benches/bench_token_stats.py --json "$LOGS/token_stats.json" \
+if has token_stats; then
+  step bench_token_stats 300 python3 benches/bench_token_stats.py --json "$LOGS/token_stats.json" \
     --plot "$LOGS/token_stats.png"
-  step bench_linear 240 python3 benches/bench_linear_token_stats.py --json "$LOGS/linear.json" \
+fi
+if has linear; then
+  step bench_linear 420 python3 benches/bench_linear_token_stats.py --json "$LOGS/linear.json" \
     --plot "$LOGS/linear_token_stats.png"
-  step bench_rl 150 python3 benches/bench_rl_step.py --json "$LOGS/rl_step.json"
+fi
+if has rl; then
+  step bench_rl 200 python3 benches/bench_rl_step.py --json "$LOGS/rl_step.json"
 fi
