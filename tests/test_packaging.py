@@ -83,11 +83,52 @@ def test_wheel_without_cuda(tmp_path):
 def _cuda_build_skip_reason():
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
-    from torch.utils import cpp_extension
-
-    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
         return "no CUDA toolkit (nvcc)"
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    if f"release {torch.version.cuda.split('.')[0]}." not in out:
+        return f"nvcc is not CUDA {torch.version.cuda.split('.')[0]}.x like torch"
     return None
+
+
+def _fake_toolkit(tmp, release):
+    home = tmp / "fake-cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "include" / "cuda_runtime.h").write_text("")
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.0'\n")
+    nvcc.chmod(0o755)
+    return home
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build")
+def test_toolkit_of_another_cuda_major_is_skipped_or_refused(tmp_path):
+    """torch refuses to build against a toolkit of another CUDA major version. Left to choose
+    (ERM_BUILD_CUDA unset), setup.py skips the extension and says why, and the install works;
+    forced (ERM_BUILD_CUDA=1), it fails with that reason."""
+    pytest.importorskip("triton")
+    other = str(int(torch.version.cuda.split(".")[0]) + 1) + ".0"
+    home = _fake_toolkit(tmp_path, other)
+    env = {k: v for k, v in os.environ.items() if k not in ("ERM_BUILD_CUDA", "CUDA_PATH")}
+    env["CUDA_HOME"] = str(home)
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_sources(src)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v", "-w",
+           str(tmp_path / "dist"), str(src)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the CUDA toolkit is {other} but torch was built with CUDA" in proc.stdout + proc.stderr
+    (whl,) = (tmp_path / "dist").glob("erm-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        assert not any(n.startswith("erm/_C") for n in z.namelist())
+    proc = subprocess.run(cmd, env=dict(env, ERM_BUILD_CUDA="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert f"ERM_BUILD_CUDA=1 but the CUDA extension cannot be built: the CUDA toolkit is {other}" \
+        in proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(_cuda_build_skip_reason() is not None,
