@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import plot_ratios, print_table, device_name, peak_extra_mib, sync, time_ms  # noqa: E402
+from common import (bench_device, device_name, peak_extra_mib, plot_ratios,  # noqa: E402
+                    print_table, sync, time_ms)
 
 import common  # noqa: E402
 import erm  # noqa: E402
@@ -79,13 +80,9 @@ def main(argv=None):
     ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    if args.device is None:
-        if not torch.cuda.is_available():
-            print("bench_linear_token_stats: no CUDA device; this is a GPU benchmark "
-                  "(pass --device cpu for a smoke run)")
-            return []
-        args.device = "cuda"
-    dev = torch.device(args.device)
+    dev = bench_device(args.device, "bench_linear_token_stats")
+    if dev is None:
+        return []
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     h = (torch.randn(args.n, args.d, device=dev)).to(dtype)

@@ -15,8 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import (copy_bandwidth, device_name, eager_stats, peak_extra_mib, plot_ratios,  # noqa: E402
-                    print_table, time_ms)
+from common import (bench_device, copy_bandwidth, device_name, eager_stats,  # noqa: E402
+                    peak_extra_mib, plot_ratios, print_table, time_ms)
 
 import erm  # noqa: E402
 
@@ -55,13 +55,9 @@ def main(argv=None):
     ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.device is None:
-        if not torch.cuda.is_available():
-            print("bench_token_stats: no CUDA device; this is a GPU benchmark "
-                  "(pass --device cpu for a smoke run)")
-            return []
-        args.device = "cuda"
-    dev = torch.device(args.device)
+    dev = bench_device(args.device, "bench_token_stats")
+    if dev is None:
+        return []
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     z = (torch.randn(args.n, args.v, device=dev) * 3).to(dtype)

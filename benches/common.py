@@ -15,6 +15,18 @@ def eager_stats(z, t):
     return lp, lse, ent
 
 
+def bench_device(requested, bench_name):
+    """The device to measure on: `requested` ("cuda" / "cpu"), else the GPU; None, after saying
+    so, when nothing was requested and there is no GPU (these are GPU benchmarks)."""
+    if requested is not None:
+        return torch.device(requested)
+    if not torch.cuda.is_available():
+        print(f"{bench_name}: no CUDA device; this is a GPU benchmark "
+              "(pass --device cpu for a smoke run)")
+        return None
+    return torch.device("cuda")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
