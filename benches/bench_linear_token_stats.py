@@ -25,8 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import (bench_device, device_name, peak_extra_mib, plot_ratios,  # noqa: E402
-                    print_table, sync, time_ms)
+from common import (  # noqa: E402
+    add_common_args, bench_device, device_name, peak_extra_mib, report, sync, time_ms)
 
 import common  # noqa: E402
 import erm  # noqa: E402
@@ -69,16 +69,9 @@ def make_cases(device, with_compile=True):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8192)
+    add_common_args(ap, reps=20)
     ap.add_argument("--d", type=int, default=3584)
-    ap.add_argument("--v", type=int, default=151936)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
-    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
-    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     dev = bench_device(args.device, "bench_linear_token_stats")
     if dev is None:
@@ -129,17 +122,15 @@ def main(argv=None):
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        rows.append(dict(name=name, fwd_ms=f_ms, fwd_ratio=f_ms / floor_f, fwdbwd_ms=fb_ms,
-                         fwdbwd_ratio=fb_ms / floor_fb, extra_mib=mem))
+        rows.append(dict(name=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms, extra_mib=mem))
     meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n,
                 d=args.d, v=args.v, dtype=args.dtype, matmul_ms=floor_mm, floor_fwd_ms=floor_f,
                 floor_fwdbwd_ms=floor_fb, torch=torch.__version__, reps=args.reps)
     header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, D={args.d}, V={args.v}, {args.dtype}; "
               f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
               f"{floor_fb:.3f} ms); median of {args.reps}")
-    print_table(header, rows, meta, args.json)
-    if args.plot and rows:
-        plot_ratios(rows, meta, args.plot, "fused LM head, N={n}, D={d}, V={v}, {dtype}".format(**meta), targets=(1.10, 1.25))
+    report(header, rows, meta, json_path=args.json, plot_path=args.plot,
+           title="fused LM head, N={n}, D={d}, V={v}, {dtype}", targets=(1.10, 1.25))
     return rows
 
 

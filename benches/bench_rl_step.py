@@ -26,12 +26,14 @@ difference of the two losses.
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # erm from this checkout
+sys.path.insert(0, HERE)                    # benches/common.py
+from common import time_ms  # noqa: E402
 
 
 def build_model(args, device, dtype):
@@ -140,7 +142,6 @@ def run(args):
         try:
             for _ in range(args.warmup):
                 losses[name] = float(step().detach())
-            times = []
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -148,20 +149,7 @@ def run(args):
             else:  # CPU: peak resident set size of the process over the timed steps
                 cpu_peak_ok = _reset_cpu_peak()
                 base = _proc_kib("VmRSS")
-            for _ in range(args.reps):
-                if device.type == "cuda":
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    step()
-                    e1.record()
-                    e1.synchronize()
-                    times.append(e0.elapsed_time(e1))
-                else:
-                    import time
-                    t0 = time.perf_counter()
-                    step()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            ms = statistics.median(times)
+            ms = time_ms(step, device, warmup=0, reps=args.reps)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 extra = (torch.cuda.max_memory_allocated() - base) / 2**30

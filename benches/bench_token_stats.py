@@ -15,8 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import (bench_device, copy_bandwidth, device_name, eager_stats,  # noqa: E402
-                    peak_extra_mib, plot_ratios, print_table, time_ms)
+from common import (  # noqa: E402
+    add_common_args, bench_device, copy_bandwidth, device_name, eager_stats, peak_extra_mib,
+    report, time_ms)
 
 import erm  # noqa: E402
 
@@ -46,14 +47,7 @@ def make_cases(device, with_compile=True):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--v", type=int, default=151936)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
-    ap.add_argument("--json", help="write the results here")
+    add_common_args(ap, reps=50)
     args = ap.parse_args(argv)
     dev = bench_device(args.device, "bench_token_stats")
     if dev is None:
@@ -88,17 +82,15 @@ def main(argv=None):
         except Exception as exc:  # a peer that fails is reported, not fatal
             print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
-        rows.append(dict(name=name, fwd_ms=f_ms, fwd_ratio=f_ms / floor_f, fwdbwd_ms=fb_ms,
-                         fwdbwd_ratio=fb_ms / floor_fb, extra_mib=mem))
+        rows.append(dict(name=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms, extra_mib=mem))
     meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n, v=args.v,
                 dtype=args.dtype, copy_gbps=bw / 1e6, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb,
                 torch=torch.__version__, reps=args.reps)
     header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, V={args.v}, {args.dtype}; copy "
               f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
           f"{floor_fb:.3f} ms (three passes); median of {args.reps}")
-    print_table(header, rows, meta, args.json)
-    if args.plot and rows:
-        plot_ratios(rows, meta, args.plot, "erm.token_stats, N={n}, V={v}, {dtype}".format(**meta), targets=(1.05, 1.15))
+    report(header, rows, meta, json_path=args.json, plot_path=args.plot,
+           title="erm.token_stats, N={n}, V={v}, {dtype}", targets=(1.05, 1.15))
     return rows
 
 

@@ -15,6 +15,19 @@ def eager_stats(z, t):
     return lp, lse, ent
 
 
+def add_common_args(ap, *, reps):
+    """The options every ratio bench takes: shape (N, V), dtype, device, repetitions, peers,
+    outputs."""
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    ap.add_argument("--plot", help="also draw the ratios to the floors as a PNG here")
+    ap.add_argument("--json", help="also write the results here")
+
+
 def bench_device(requested, bench_name):
     """The device to measure on: `requested` ("cuda" / "cpu"), else the GPU; None, after saying
     so, when nothing was requested and there is no GPU (these are GPU benchmarks)."""
@@ -80,10 +93,16 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def print_table(header: str, rows, meta, json_path=None):
-    """Print the header line and a markdown table of the rows; optionally dump {meta, rows} JSON."""
+def report(header: str, rows, meta, *, json_path=None, plot_path=None, title="",
+           targets=(None, None)):
+    """Fill each row's ratios to the floors in `meta` (floor_fwd_ms, floor_fwdbwd_ms), print the
+    header line and a markdown table, and optionally dump {meta, rows} as JSON and draw the ratios
+    as a PNG (`plot_ratios`, `title` formatted with meta)."""
     import json
 
+    for r in rows:
+        r["fwd_ratio"] = r["fwd_ms"] / meta["floor_fwd_ms"]
+        r["fwdbwd_ratio"] = r["fwdbwd_ms"] / meta["floor_fwdbwd_ms"]
     print(header)
     print("| op | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor | peak extra MiB (fwd+bwd) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -93,6 +112,8 @@ def print_table(header: str, rows, meta, json_path=None):
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    if plot_path and rows:
+        plot_ratios(rows, meta, plot_path, title.format(**meta), targets)
 
 
 def plot_ratios(rows, meta, path, title, targets=(None, None)):

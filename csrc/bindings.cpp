@@ -38,10 +38,10 @@ erm::DType to_dtype(const Tensor& logits) {
   }
 }
 
-// Checks shared by forward and backward; returns (N, V).
-std::pair<int64_t, int64_t> check_common(const Tensor& logits, const Tensor& targets,
-                                         int64_t inner_rows, int64_t stride_outer,
-                                         int64_t stride_inner) {
+// Checks shared by forward and backward; returns the arguments both kernels read.
+erm::RowsArgs check_rows(const Tensor& logits, const Tensor& targets, double alpha,
+                         int64_t ignore_index, int64_t inner_rows, int64_t stride_outer,
+                         int64_t stride_inner) {
   TORCH_CHECK(logits.is_cuda(), "erm_C: logits must be a CUDA tensor");
   TORCH_CHECK(targets.device() == logits.device(), "erm_C: targets must be on the logits' device");
   TORCH_CHECK(targets.scalar_type() == at::kLong, "erm_C: targets must be int64");
@@ -65,7 +65,17 @@ std::pair<int64_t, int64_t> check_common(const Tensor& logits, const Tensor& tar
                         logits.storage_offset();
   TORCH_CHECK(max_off <= avail, "erm_C: row layout (inner_rows=", inner_rows, ", stride_outer=",
               stride_outer, ", stride_inner=", stride_inner, ") reads past the logits' storage");
-  return {n, v};
+  TORCH_CHECK(alpha > 0.0 && std::isfinite(alpha), "erm_C: alpha must be finite and > 0");
+  erm::RowsArgs r{};
+  r.logits = logits.data_ptr();
+  r.targets = targets.data_ptr<int64_t>();
+  r.n = n;
+  r.v = v;
+  r.layout = erm::RowLayout{inner_rows, stride_outer, stride_inner};
+  r.ignore_index = ignore_index;
+  r.alpha = static_cast<float>(alpha);
+  r.dtype = to_dtype(logits);
+  return r;
 }
 
 const float* opt_rows(const std::optional<Tensor>& t, const Tensor& logits, int64_t n,
@@ -84,9 +94,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
                                                            int64_t inner_rows,
                                                            int64_t stride_outer,
                                                            int64_t stride_inner) {
-  const auto [n, v] = check_common(logits, targets, inner_rows, stride_outer, stride_inner);
-  TORCH_CHECK(alpha > 0.0 && std::isfinite(alpha), "erm_C: alpha must be finite and > 0");
-  const erm::DType dt = to_dtype(logits);
+  const erm::RowsArgs rows =
+      check_rows(logits, targets, alpha, ignore_index, inner_rows, stride_outer, stride_inner);
+  const int64_t n = rows.n;
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto opts = logits.options().dtype(at::kFloat);
   Tensor logprob = at::empty({n}, opts);
@@ -95,25 +105,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
   Tensor ent = at::empty({with_entropy ? n : 0}, opts);
 
   const int device = logits.get_device();
-  const erm::FwdPlan plan = erm::plan_forward(n, v, dt, device);
+  const erm::FwdPlan plan = erm::plan_forward(n, rows.v, rows.dtype, device);
   TORCH_CHECK(n * plan.splits <= std::numeric_limits<int32_t>::max(), "erm_C: grid too large");
   Tensor ws;
   if (plan.splits > 1) ws = at::empty({n * plan.splits * 3}, opts);
 
   erm::FwdArgs a{};
-  a.logits = logits.data_ptr();
-  a.targets = targets.data_ptr<int64_t>();
+  static_cast<erm::RowsArgs&>(a) = rows;
   a.logprob = logprob.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
   a.target_logit = tl.data_ptr<float>();
   a.entropy = with_entropy ? ent.data_ptr<float>() : nullptr;
   a.workspace = plan.splits > 1 ? ws.data_ptr<float>() : nullptr;
-  a.n = n;
-  a.v = v;
-  a.layout = erm::RowLayout{inner_rows, stride_outer, stride_inner};
-  a.ignore_index = ignore_index;
-  a.alpha = static_cast<float>(alpha);
-  a.dtype = dt;
   erm::launch_forward(a, plan, c10::cuda::getCurrentCUDAStream(device).stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logprob, lse, tl, ent};
@@ -124,13 +127,14 @@ Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor
                        const std::optional<Tensor>& g_lse, const std::optional<Tensor>& g_tl,
                        const std::optional<Tensor>& g_ent, double alpha, int64_t ignore_index,
                        int64_t inner_rows, int64_t stride_outer, int64_t stride_inner) {
-  const auto [n, v] = check_common(logits, targets, inner_rows, stride_outer, stride_inner);
-  TORCH_CHECK(alpha > 0.0 && std::isfinite(alpha), "erm_C: alpha must be finite and > 0");
-  const erm::DType dt = to_dtype(logits);
+  const erm::RowsArgs rows =
+      check_rows(logits, targets, alpha, ignore_index, inner_rows, stride_outer, stride_inner);
+  const int64_t n = rows.n;
   const c10::cuda::CUDAGuard guard(logits.device());
   const float* lse_p = opt_rows(lse, logits, n, "lse");
   TORCH_CHECK(lse_p != nullptr, "erm_C: lse must hold one float32 per row");
   erm::BwdArgs a{};
+  static_cast<erm::RowsArgs&>(a) = rows;
   a.g_logprob = opt_rows(g_lp, logits, n, "g_logprob");
   a.g_lse = opt_rows(g_lse, logits, n, "g_lse");
   a.g_target_logit = opt_rows(g_tl, logits, n, "g_target_logit");
@@ -140,17 +144,9 @@ Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor
     a.entropy = opt_rows(ent, logits, n, "entropy");
     TORCH_CHECK(a.entropy != nullptr, "erm_C: g_entropy given but entropy is empty");
   }
-  Tensor grad = at::empty({n, v}, logits.options());
-  a.logits = logits.data_ptr();
-  a.targets = targets.data_ptr<int64_t>();
+  Tensor grad = at::empty({n, rows.v}, logits.options());
   a.lse = lse_p;
   a.grad = grad.data_ptr();
-  a.n = n;
-  a.v = v;
-  a.layout = erm::RowLayout{inner_rows, stride_outer, stride_inner};
-  a.ignore_index = ignore_index;
-  a.alpha = static_cast<float>(alpha);
-  a.dtype = dt;
   const int device = logits.get_device();
   erm::launch_backward(a, device, c10::cuda::getCurrentCUDAStream(device).stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -63,10 +63,25 @@ struct Elem<DType::kFloat32> {
   __device__ __forceinline__ static void store1(T* p, float f) { *p = f; }
 };
 
-template <>
-struct Elem<DType::kBFloat16> {
+// 16-bit types: a 16-byte vector is 8 values, two per 32-bit word; Self supplies unpack2 / pack2.
+template <class Self>
+struct Elem16 {
   using T = unsigned short;
   static constexpr int kVec = 8;
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    Self::unpack2(u.x, f);
+    Self::unpack2(u.y, f + 2);
+    Self::unpack2(u.z, f + 4);
+    Self::unpack2(u.w, f + 6);
+  }
+  __device__ __forceinline__ static uint4 pack(const float* f) {
+    return make_uint4(Self::pack2(f[0], f[1]), Self::pack2(f[2], f[3]), Self::pack2(f[4], f[5]),
+                      Self::pack2(f[6], f[7]));
+  }
+};
+
+template <>
+struct Elem<DType::kBFloat16> : Elem16<Elem<DType::kBFloat16>> {
   __device__ __forceinline__ static float load1(const T* p) {
     return __uint_as_float(static_cast<unsigned int>(__ldg(p)) << 16);
   }
@@ -74,20 +89,11 @@ struct Elem<DType::kBFloat16> {
     f[0] = __uint_as_float(w << 16);
     f[1] = __uint_as_float(w & 0xffff0000u);
   }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    unpack2(u.x, f);
-    unpack2(u.y, f + 2);
-    unpack2(u.z, f + 4);
-    unpack2(u.w, f + 6);
-  }
   __device__ __forceinline__ static unsigned int pack2(float a, float b) {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // .x (low half) = a
     unsigned int r;
     memcpy(&r, &h, sizeof(r));
     return r;
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
   }
   __device__ __forceinline__ static void store1(T* p, float f) {
     *p = __bfloat16_as_ushort(__float2bfloat16_rn(f));
@@ -95,9 +101,7 @@ struct Elem<DType::kBFloat16> {
 };
 
 template <>
-struct Elem<DType::kFloat16> {
-  using T = unsigned short;
-  static constexpr int kVec = 8;
+struct Elem<DType::kFloat16> : Elem16<Elem<DType::kFloat16>> {
   __device__ __forceinline__ static float load1(const T* p) {
     return __half2float(__ushort_as_half(__ldg(p)));
   }
@@ -108,20 +112,11 @@ struct Elem<DType::kFloat16> {
     f[0] = v.x;
     f[1] = v.y;
   }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    unpack2(u.x, f);
-    unpack2(u.y, f + 2);
-    unpack2(u.z, f + 4);
-    unpack2(u.w, f + 6);
-  }
   __device__ __forceinline__ static unsigned int pack2(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);
     unsigned int r;
     memcpy(&r, &h, sizeof(r));
     return r;
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
   }
   __device__ __forceinline__ static void store1(T* p, float f) {
     *p = __half_as_ushort(__float2half_rn(f));

@@ -23,20 +23,24 @@ struct RowLayout {
   int64_t stride_inner;
 };
 
-struct FwdArgs {
+// What forward and backward both read: the logits' rows, their targets and the op's scalars.
+struct RowsArgs {
   const void* logits;
   const int64_t* targets;  // (N,)
-  float* logprob;          // (N,)
-  float* lse;              // (N,)
-  float* target_logit;     // (N,)
-  float* entropy;          // (N,) or nullptr when not asked
-  float* workspace;        // N * splits * 3 floats when splits > 1, else unused
   int64_t n;
   int64_t v;
   RowLayout layout;
   int64_t ignore_index;
   float alpha;
   DType dtype;
+};
+
+struct FwdArgs : RowsArgs {
+  float* logprob;       // (N,)
+  float* lse;           // (N,)
+  float* target_logit;  // (N,)
+  float* entropy;       // (N,) or nullptr when not asked
+  float* workspace;     // N * splits * 3 floats when splits > 1, else unused
 };
 
 struct FwdPlan {
@@ -45,9 +49,7 @@ struct FwdPlan {
   int threads;    // threads per CTA
 };
 
-struct BwdArgs {
-  const void* logits;
-  const int64_t* targets;
+struct BwdArgs : RowsArgs {
   const float* lse;
   const float* entropy;  // may be nullptr when g_entropy is nullptr
   const float* g_logprob;
@@ -55,12 +57,6 @@ struct BwdArgs {
   const float* g_target_logit;
   const float* g_entropy;  // any of the four upstream grads may be nullptr (= zero)
   void* grad;              // (N, V) contiguous, logits' dtype
-  int64_t n;
-  int64_t v;
-  RowLayout layout;
-  int64_t ignore_index;
-  float alpha;
-  DType dtype;
 };
 
 int sm_count(int device);

@@ -84,6 +84,14 @@ def _pid_map(pid, nb, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _row_block(pid_n, N, BLOCK_N: tl.constexpr):
+    """Token rows of block pid_n: indices, in-range mask, and indices clamped into range (int64,
+    so loads need no row mask)."""
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.minimum(rows, N - 1).to(tl.int64)
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -128,9 +136,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     nb = tl.cdiv(N, BLOCK_N)
     pid_n, pid_c = _pid_map(tl.program_id(0), nb, n_chunks, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    rows, row_ok, rows_c = _row_block(pid_n, N, BLOCK_N)
     tgt = tl.load(t_ptr + rows_c)
     neg_inf = float("-inf")
     m = tl.full((BLOCK_N,), neg_inf, tl.float32)
@@ -168,9 +174,16 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
 
 
 @triton.jit
-def _dz_tile(z, rows, cols, row_ok, col_ok, tgt, lse, c, gh, ent, tw, inv_alpha,
-             WITH_ENT: tl.constexpr):
-    """dz = p/α·(c − g_H·(log p + H)) + [j == a]·t, zero outside the valid rows/cols."""
+def _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+             inv_alpha, WITH_ENT: tl.constexpr):
+    """dz = p/α·(c − g_H·(log p + H)) + [j == a]·t, zero outside the valid rows/cols; the per-row
+    terms are loaded at the clamped rows rows_c."""
+    tgt = tl.load(t_ptr + rows_c)
+    lse = tl.load(lse_ptr + rows_c)
+    c = tl.load(c_ptr + rows_c)
+    gh = tl.load(gh_ptr + rows_c)
+    ent = tl.load(ent_ptr + rows_c)
+    tw = tl.load(tw_ptr + rows_c)
     logp = z * inv_alpha - lse[:, None]
     p = tl.exp(logp)
     coef = c[:, None] + tl.zeros_like(logp)
@@ -194,18 +207,15 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
     """dz[:, j − v_lo] for the columns j in [v_lo, v_lo + v_len), from recomputed logit tiles."""
     nb = tl.cdiv(N, BLOCK_N)
     pid_n, pid_v = _pid_map(tl.program_id(0), nb, tl.cdiv(v_len, BLOCK_V), GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    _, row_ok, rows_c = _row_block(pid_n, N, BLOCK_N)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_lo + local
     col_ok = local < v_len
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
                      BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
-    dz = _dz_tile(z, rows, cols, row_ok, col_ok, tl.load(t_ptr + rows_c), tl.load(lse_ptr + rows_c),
-                  tl.load(c_ptr + rows_c), tl.load(gh_ptr + rows_c), tl.load(ent_ptr + rows_c),
-                  tl.load(tw_ptr + rows_c), inv_alpha, WITH_ENT)
+    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+                  inv_alpha, WITH_ENT)
     ptrs = dz_ptr + rows_c[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -224,17 +234,14 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_p
     """Fast mode: dz tile in registers, float32 atomics into dh (N×D), dw (V×D), db (V)."""
     nb = tl.cdiv(N, BLOCK_N)
     pid_n, pid_v = _pid_map(tl.program_id(0), nb, tl.cdiv(V, BLOCK_V), GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows_c = tl.minimum(rows, N - 1).to(tl.int64)
+    _, row_ok, rows_c = _row_block(pid_n, N, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
                      BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
-    dz = _dz_tile(z, rows, cols, row_ok, col_ok, tl.load(t_ptr + rows_c), tl.load(lse_ptr + rows_c),
-                  tl.load(c_ptr + rows_c), tl.load(gh_ptr + rows_c), tl.load(ent_ptr + rows_c),
-                  tl.load(tw_ptr + rows_c), inv_alpha, WITH_ENT)
+    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+                  inv_alpha, WITH_ENT)
     if NEED_B:
         tl.atomic_add(db_ptr + cols_c, tl.sum(dz, axis=0), mask=col_ok)
     dzc = dz.to(h_ptr.dtype.element_ty)

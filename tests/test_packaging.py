@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .test_cuda_ext import _nvcc
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _USE = """
@@ -83,7 +85,7 @@ def test_wheel_without_cuda(tmp_path):
 def _cuda_build_skip_reason():
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
-    nvcc = shutil.which("nvcc")
+    nvcc = _nvcc()
     if nvcc is None:
         return "no CUDA toolkit (nvcc)"
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
