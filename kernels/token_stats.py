@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.rows import row_layout
+from .rows import row_layout
 from .autotune import autotune
 
 _empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
@@ -164,7 +164,7 @@ _bwd_tuned = autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HA
 
 
 def _layout(logits):
-    """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner); see erm.ops.rows.row_layout."""
+    """(tensor, n_rows, V, inner_rows, stride_outer, stride_inner); see kernels/rows.py."""
     z, inner, s_out, s_in = row_layout(logits)
     v = z.shape[-1]
     return z, z.numel() // v, v, inner, s_out, s_in

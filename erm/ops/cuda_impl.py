@@ -9,7 +9,7 @@ whose leading dims collapse to rows, or a (B, T, V) tensor with arbitrary outer 
 import torch
 
 from .. import dispatch
-from .rows import row_layout
+from ..kernels.rows import row_layout
 
 _FAKES_REGISTERED = False
 
