@@ -95,6 +95,26 @@ def _reward_setup(ids: Tensor, v: int, response_mask, gamma, terminated):
     return mask, term, nxt
 
 
+def next_token_targets(ids: Tensor) -> Tensor:
+    """(B, T) next-token targets of (B, T) ids: position t holds ids[t+1], the last IGNORE_INDEX."""
+    pad = torch.full((ids.shape[0], 1), _IGNORE, dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids[:, 1:], pad], 1)
+
+
+def rewards_from_stats(stats, response_mask: Tensor, terminated, *, alpha: float,
+                       gamma: float = 1.0) -> Tensor:
+    """(B, W) float32 rewards r_t = z_{t-1}[ids[t]] - gamma*V(s_{t+1}) from token stats over the
+    next-token targets (`next_token_targets`), 0 outside `response_mask`."""
+    alpha = _checks.check_alpha(alpha, "alpha")
+    b, t = stats.lse.shape
+    mask = response_mask.to(device=stats.lse.device, dtype=torch.bool)
+    if isinstance(terminated, Tensor):
+        term = terminated.to(device=mask.device, dtype=torch.bool)
+    else:
+        term = torch.full((b,), bool(terminated), dtype=torch.bool, device=mask.device)
+    return _rewards_from_stats(stats, mask, term, alpha, gamma)
+
+
 def _rewards_from_stats(st, mask: Tensor, term: Tensor, alpha: float, gamma: float) -> Tensor:
     """(B, T) rewards from the token stats of the next-token targets (see `_reward_setup`)."""
     b, t = mask.shape
