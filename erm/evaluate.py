@@ -16,15 +16,18 @@ A pair counts 1 when chosen scores above rejected, 0.5 on a tie and 0 otherwise 
 counts 0). The data formats `load_pairs` reads are described in its docstring; the built-in sample
 is ``erm/data/pairs.jsonl`` (`default_data_path`).
 """
+import dataclasses
+import gzip
 import json
 import math
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 
 Messages = List[Dict[str, str]]
@@ -53,6 +56,8 @@ class Pair:
     chosen: str
     rejected: str
     subset: str = DEFAULT_SUBSET
+    #: where the pair was read ("pairs.jsonl: line 3"; "" when unknown); not compared
+    where: str = dataclasses.field(default="", compare=False, repr=False)
 
 
 def default_data_path():
@@ -172,15 +177,70 @@ def _parse_record(rec) -> Pair:
     return Pair(_hh_messages(pc), c, r, subset)
 
 
-def _read_lines(path) -> List[str]:
-    """Lines of a text file given as a str / PathLike / importlib Traversable."""
+#: Leading bytes of compressed formats -> their name (gzip is read; the others are refused).
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"),
+          (b"\x28\xb5\x2f\xfd", "zstd"), (b"PK\x03\x04", "zip"))
+
+
+def _compression(data: bytes):
+    """The compressed format `data` starts with (by its magic bytes), or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _read_bytes(path) -> bytes:
+    """The bytes of a file (str / PathLike / importlib Traversable); FileNotFoundError if none."""
     if isinstance(path, (str, os.PathLike)):
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{path}: " + ("not a regular file" if p.exists()
                                                    else "no such file"))
-        return p.read_text(encoding="utf-8").splitlines()
-    return path.read_text(encoding="utf-8").splitlines()
+        return p.read_bytes()
+    return path.read_bytes()
+
+
+def _decode_utf8(data: bytes, source: str) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); DataError naming the line of a bad byte."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{source}: line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} "
+                        f"at column {col}); the file must be UTF-8 text") from None
+
+
+def _read_lines(path) -> List[str]:
+    """Lines of a UTF-8 text file given as a str / PathLike / importlib Traversable; gzip files
+    (recognised by their magic bytes, whatever the name) are decompressed on the fly.
+
+    Lines are split at "\\n" only (a JSON string may hold U+2028 and other Unicode line breaks).
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: another compressed format (bz2, xz, zstd, zip), corrupt gzip data, or bytes
+            that are not UTF-8 (naming the line).
+    """
+    source = str(path)
+    data = _read_bytes(path)
+    kind = _compression(data)
+    if kind == "gzip":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{source}: corrupt or truncated gzip data ({exc})") from None
+        kind = _compression(data)
+        if kind is not None:
+            raise DataError(f"{source}: gzip-compressed {kind} data; decompress it first")
+    elif kind is not None:
+        raise DataError(f"{source}: {kind}-compressed file; erm reads plain or gzip-compressed "
+                        f"(.gz) JSONL: decompress it first")
+    text = _decode_utf8(data, source)
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def load_pairs(path_or_list) -> List[Pair]:
@@ -200,9 +260,10 @@ def load_pairs(path_or_list) -> List[Pair]:
     `subset` defaults to ``"default"``; other keys are ignored.
 
     Args:
-        path_or_list: a path (str / PathLike / importlib Traversable) or a list of dicts.
+        path_or_list: a path (str / PathLike / importlib Traversable; gzip-compressed files
+            are read too) or a list of dicts.
     Returns:
-        list of `Pair`.
+        list of `Pair`, each with `where` set to its file and line ("pairs.jsonl: line 3").
     Raises:
         FileNotFoundError: the file does not exist.
         DataError (a ValueError): a malformed line — bad JSON, missing keys, wrong types, empty
@@ -213,62 +274,77 @@ def load_pairs(path_or_list) -> List[Pair]:
         source, items = "<list>", [(i + 1, rec) for i, rec in enumerate(path_or_list)]
         where = "item"
     else:
-        source = str(path_or_list)
-        lines = _read_lines(path_or_list)
-        items, where = [], "line"
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
+        source, items, where = str(path_or_list), _json_lines(path_or_list), "line"
     pairs = []
     for lineno, rec in items:
         try:
-            pairs.append(_parse_record(rec))
+            pair = _parse_record(rec)
         except DataError:
             raise
         except ValueError as exc:
             raise DataError(f"{source}: {where} {lineno}: {exc}") from None
+        pairs.append(dataclasses.replace(pair, where=f"{source}: {where} {lineno}"))
     if not pairs:
         raise DataError(f"{source}: no preference pairs found")
     return pairs
 
 
-def load_records(path) -> List[dict]:
-    """Read a JSONL file of objects for `erm score`: each needs a `prompt` (string or message
-    list) and a non-empty string `response`; other keys are kept as they are.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        DataError: a malformed line (naming the file and line), or an empty file.
-    """
-    source = str(path)
-    records = []
+def _json_lines(path) -> List[tuple]:
+    """(1-based line number, parsed JSON value) of every non-blank line of a JSONL file."""
+    source, items = str(path), []
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            items.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
+    return items
+
+
+def _check_record(rec, field) -> None:
+    """ValueError (without location) when `rec` is not a scorable {prompt, response} object."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    for key in ("prompt", "response"):
+        if key not in rec:
+            raise ValueError(f"missing key '{key}'")
+    _prompt(rec["prompt"])
+    if not isinstance(rec["response"], str):
+        raise ValueError("'response' must be a string")
+    _response(rec["response"], "'response'")
+    if field is not None and field in rec:
+        raise ValueError(f"the record already has a '{field}' field (write the score to "
+                         "another field with --field NAME, or replace it with "
+                         "--overwrite-field)")
+
+
+def load_records(path, *, field: Optional[str] = None, with_lines: bool = False) -> list:
+    """Read a JSONL file of objects for `erm score`: each needs a `prompt` (string or message
+    list) and a non-empty string `response`; other keys are kept as they are. Plain or
+    gzip-compressed UTF-8.
+
+    Args:
+        path: str / PathLike / importlib Traversable.
+        field: when given, a record that already has this key is an error (the key `erm score`
+            is about to write).
+        with_lines: return (1-based line number, record) tuples instead of records.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: a malformed line or a record that already has `field` (naming the file and
+            line), another compression format, or an empty file.
+    """
+    source = str(path)
+    items = _json_lines(path)
+    for lineno, rec in items:
         try:
-            if not isinstance(rec, dict):
-                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-            for key in ("prompt", "response"):
-                if key not in rec:
-                    raise ValueError(f"missing key '{key}'")
-            _prompt(rec["prompt"])
-            if not isinstance(rec["response"], str):
-                raise ValueError("'response' must be a string")
-            _response(rec["response"], "'response'")
+            _check_record(rec, field)
         except ValueError as exc:
             raise DataError(f"{source}: line {lineno}: {exc}") from None
-        records.append(rec)
-    if not records:
+    if not items:
         raise DataError(f"{source}: no records found")
-    return records
+    return items if with_lines else [rec for _, rec in items]
 
 
 # ----------------------------------------------------------------------------------------------
