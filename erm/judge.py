@@ -9,41 +9,30 @@ is
 where each answer is tokenized the way the model would write it right after the generation
 prompt (the tokens of ``template_text + "Yes"`` past those of ``template_text``; this handles
 tokenizers where "Yes" and " Yes" differ), and a multi-token answer sums the log-probs of its
-tokens (teacher-forced). Only the logits of the last positions are computed (`logits_to_keep`
-where the model supports it) and turned into log-probs with `erm.token_stats` — never a softmax
-over the vocabulary at every position. Sequences are batched with left padding.
+tokens (teacher-forced). Only the last positions are read, through `erm.lm.window` (the fused
+LM-head op for plain heads, `logits_to_keep` logits otherwise) — never a softmax over the
+vocabulary at every position. Sequences are batched with left padding.
 """
-import inspect
 from typing import List, Optional, Sequence
 
 import torch
 
-from .ops import token_stats
+from . import lm
+from .constants import IGNORE_INDEX
 
 QUESTION = "Is this response correct, helpful and harmless? Answer Yes or No."
 ANSWERS = ("Yes", "No")
-_IGNORE = -100
-
-
-def render_conversation(prompt) -> str:
-    """A prompt (string, or chat message list) as plain text: "User: ...", "Assistant: ..."."""
-    if isinstance(prompt, str):
-        return f"User: {prompt}"
-    names = {"user": "User", "assistant": "Assistant", "system": "System"}
-    return "\n".join(f"{names.get(m['role'], m['role'].capitalize())}: {m['content']}"
-                     for m in prompt)
 
 
 def judge_messages(prompt, response: str, *, system_prompt: Optional[str] = None) -> List[dict]:
-    """The chat messages shown to the judge: one user turn with the conversation, the response
-    and `QUESTION` (after an optional system message)."""
-    content = (f"{render_conversation(prompt)}\n\nResponse: {response}\n\n{QUESTION}")
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": content}]
+    """The chat messages shown to the judge: one user turn with the conversation
+    (`erm.lm.render_text`), the response and `QUESTION`, after `system_prompt` if given."""
+    content = f"{lm.render_text(prompt)}\n\nResponse: {response}\n\n{QUESTION}"
+    return lm.messages(content, system_prompt)
 
 
 def _ids(tokenizer, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return lm.tokenize(tokenizer, text)[0]
 
 
 def answer_ids(tokenizer, prefix_text: str, prefix_ids: Sequence[int], answer: str) -> List[int]:
@@ -58,14 +47,41 @@ def answer_ids(tokenizer, prefix_text: str, prefix_ids: Sequence[int], answer: s
     return _ids(tokenizer, answer)
 
 
-def _device(rm, model):
-    dev = getattr(rm, "device", None)
-    if dev is not None:
-        return torch.device(dev)
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+def _queries(tok, prompts, responses, system_prompt):
+    """One query per pair when "Yes" and "No" share all but their last token (one forward reads
+    both), else one per answer: [(ids, [(pair index, sign, answer ids), ...])]."""
+    queries = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        msgs = judge_messages(p, r, system_prompt=system_prompt)
+        if lm.has_chat_template(tok):
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n\n".join(m["content"] for m in msgs) + "\n\n"
+        ids = _ids(tok, text)
+        yes, no = (answer_ids(tok, text, ids, a) for a in ANSWERS)
+        if yes[:-1] == no[:-1]:
+            queries.append((ids + yes[:-1], [(i, 1.0, yes), (i, -1.0, no)]))
+        else:
+            queries.append((ids + yes[:-1], [(i, 1.0, yes)]))
+            queries.append((ids + no[:-1], [(i, -1.0, no)]))
+    return queries
+
+
+def _read_out(win, batch, queries, k, out):
+    """Add sign · Σ log p(answer tokens) of each read-out of a batch's window to `out`."""
+    for slot in range(2):
+        targets = torch.full((len(batch), k), IGNORE_INDEX, dtype=torch.long)
+        reads = []
+        for b, q in enumerate(batch):
+            if slot < len(queries[q][1]):
+                i, sign, a = queries[q][1][slot]
+                targets[b, k - len(a):] = torch.tensor(a, dtype=torch.long)
+                reads.append((b, sign, i))
+        if reads:
+            dev = win.logits.device if win.logits is not None else win.hidden.device
+            lp = lm.window_stats(win, targets.to(dev), alpha=1.0).logprob.sum(-1).float().cpu()
+            for b, sign, i in reads:
+                out[i] += sign * lp[b]
 
 
 @torch.inference_mode()
@@ -75,8 +91,7 @@ def judge_scores(rm, prompts, responses, *, batch_size: Optional[int] = None,
     """log p("Yes") − log p("No") of the judge question, per (prompt, response).
 
     Args:
-        rm: an `erm.EndoRM`, or any object with `.model` (a causal LM) and `.tokenizer` (with a
-            chat template).
+        rm: an `erm.EndoRM`, or any object with `.model` (a causal LM) and `.tokenizer`.
         prompts: a string / message list, or a list of them (one per response).
         responses: a string or a list of strings.
         batch_size: sequences per forward pass (default `rm.batch_size`, else 8).
@@ -99,68 +114,24 @@ def judge_scores(rm, prompts, responses, *, batch_size: Optional[int] = None,
         raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
     batch_size = int(batch_size or getattr(rm, "batch_size", None) or 8)
     max_length = max_length or getattr(rm, "max_length", None)
-    device = _device(rm, model)
-
-    # One query = a token sequence and up to two read-outs (sign, answer ids) at its last
-    # positions. When "Yes" and "No" share everything but the last token (usually: both are one
-    # token), one forward pass serves both.
-    queries = []  # (ids, [(example, sign, answer_ids)])
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        text = tok.apply_chat_template(judge_messages(p, r, system_prompt=system_prompt),
-                                       tokenize=False, add_generation_prompt=True)
-        ids = _ids(tok, text)
-        yes, no = (answer_ids(tok, text, ids, a) for a in ANSWERS)
-        if yes[:-1] == no[:-1]:
-            queries.append((ids + yes[:-1], [(i, 1.0, yes), (i, -1.0, no)]))
-        else:
-            queries.append((ids + yes[:-1], [(i, 1.0, yes)]))
-            queries.append((ids + no[:-1], [(i, -1.0, no)]))
+    device = next(model.parameters()).device
+    queries = _queries(tok, prompts, responses, system_prompt)
     if max_length:
         queries = [(ids[-max_length:], outs) for ids, outs in queries]
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pad_token = lm.pad_id(tok, getattr(rm, "end_ids", ()))
     out = torch.zeros(len(responses), dtype=torch.float32)
     order = sorted(range(len(queries)), key=lambda q: -len(queries[q][0]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="judge", unit="batch", leave=False)
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            seqs = [queries[q][0] for q in batch]
-            t = max(len(s) for s in seqs)
+        for batch in tqdm(batches, desc="judge", unit="batch", leave=False, disable=not progress):
+            ids, attn, _ = lm.pad([queries[q][0] for q in batch], pad_token, side="left")
             k = max(len(a) for q in batch for _, _, a in queries[q][1])
-            input_ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), t), dtype=torch.long)
-            for b, s in enumerate(seqs):
-                input_ids[b, t - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[b, t - len(s):] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                          position_ids=position_ids.to(device), use_cache=False)
-            if keep_kw:
-                kwargs["logits_to_keep"] = k
-            logits = model(**kwargs).logits[:, -k:]
-            for slot in range(2):
-                targets = torch.full((len(seqs), k), _IGNORE, dtype=torch.long)
-                rows, signs, examples = [], [], []
-                for b, q in enumerate(batch):
-                    outs = queries[q][1]
-                    if slot < len(outs):
-                        i, sign, a = outs[slot]
-                        targets[b, k - len(a):] = torch.tensor(a, dtype=torch.long)
-                        rows.append(b)
-                        signs.append(sign)
-                        examples.append(i)
-                if not rows:
-                    continue
-                lp = token_stats(logits, targets.to(logits.device),
-                                 ignore_index=_IGNORE).logprob.sum(-1).float().cpu()
-                for b, sign, i in zip(rows, signs, examples):
-                    out[i] += sign * lp[b]
+            win = lm.window(model, ids.to(device), attn.to(device), ids.shape[1] - k)
+            _read_out(win, batch, queries, k, out)
     finally:
         model.train(was_training)
     return out

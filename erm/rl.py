@@ -49,20 +49,26 @@ import dataclasses
 import json
 import os
 import random
-import re
 import resource
 import sys
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-IGNORE = -100
-ARITHMETIC = Path(__file__).parent / "data" / "arithmetic.jsonl"
+from . import lm
+from .constants import IGNORE_INDEX
+from .ops.endogenous import rewards_from_stats
+from .tasks import is_correct, load_prompts
+
+
+def _opt(default, help: str, **kw):
+    """A config field with its CLI help."""
+    return field(default=default, metadata={"help": help, **kw})
 
 
 # ============================================================================ config
@@ -70,37 +76,38 @@ ARITHMETIC = Path(__file__).parent / "data" / "arithmetic.jsonl"
 class RLConfig:
     """Everything a run needs; each field is also a CLI flag (`--prompts-per-step 4`, ...)."""
 
-    model: Optional[str] = None          # local dir / HF cache name; None: embedded SmolLM2-135M
-    prompts: Optional[str] = None        # .jsonl {"prompt", "answer"?, "split"?} or .txt; None: built-in arithmetic
-    system_prompt: Optional[str] = None  # system message of every prompt
-    steps: int = 10
-    prompts_per_step: int = 2
-    k: int = 4                           # samples per prompt (the group)
-    max_new_tokens: int = 32
-    temperature: float = 1.0             # sampling temperature τ
-    alpha: Optional[float] = None        # log-prob / soft-Q temperature α; None: = temperature
-    gamma: float = 1.0                   # discount of the endogenous reward (and reward-to-go)
-    objective: str = "grpo"              # grpo | rloo | reinforce
-    normalize: bool = True               # grpo: divide by group std; reinforce: whiten G_t
-    verifiable_weight: float = 0.0       # R = Σ r_t + w·[final number == answer]
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    ppo_epochs: int = 1
-    micro_batch: int = 0                 # sequences per forward/backward (0: the whole batch)
-    clip_eps: float = 0.2
-    kl_coef: float = 0.01
-    entropy_coef: float = 0.0
-    seed: int = 0
-    out: str = "runs/rl"
-    plot: bool = False
-    eval_prompts: int = 40               # held-back prompts for exact match (0: no eval)
-    eval_max_new_tokens: int = 32
-    save_every: int = 0                  # checkpoint every N steps (0: at the end only; <0: never)
-    resume: bool = False                 # continue from out/checkpoint.pt
-    device: Optional[str] = None         # None: cuda if available else cpu
-    dtype: Optional[str] = None          # compute dtype (None: bfloat16 on cuda, float32 on cpu)
-    progress: bool = True
+    model: Optional[str] = _opt(None, "local dir / HF cache name; None: embedded SmolLM2-135M")
+    prompts: Optional[str] = _opt(None, ".jsonl {prompt, answer?, split?} or .txt; "
+                                        "None: built-in arithmetic")
+    system_prompt: Optional[str] = _opt(None, "system message of every prompt")
+    steps: int = _opt(10, "RL steps")
+    prompts_per_step: int = _opt(2, "prompts per step")
+    k: int = _opt(4, "samples per prompt (the group)")
+    max_new_tokens: int = _opt(32, "longest sampled response")
+    temperature: float = _opt(1.0, "sampling temperature τ")
+    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α; None: = temperature")
+    gamma: float = _opt(1.0, "discount of the endogenous reward (and reward-to-go)")
+    objective: str = _opt("grpo", "advantage estimator", choices=("grpo", "rloo", "reinforce"))
+    normalize: bool = _opt(True, "grpo: divide by group std; reinforce: whiten G_t")
+    verifiable_weight: float = _opt(0.0, "R = Σ r_t + w·[final number == answer]")
+    lr: float = _opt(1e-6, "AdamW learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (<= 0: none)")
+    ppo_epochs: int = _opt(1, "optimizer steps per batch")
+    micro_batch: int = _opt(0, "sequences per forward/backward (0: the whole batch)")
+    clip_eps: float = _opt(0.2, "PPO clip range ε")
+    kl_coef: float = _opt(0.01, "weight of the k3 KL to the reference")
+    entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
+    seed: int = _opt(0, "seed of sampling and prompt order")
+    out: str = _opt("runs/rl", "output folder (log.jsonl, summary.json, checkpoint.pt, curves.png)")
+    plot: bool = _opt(False, "write out/curves.png")
+    eval_prompts: int = _opt(40, "held-back prompts for exact match (0: no eval)")
+    eval_max_new_tokens: int = _opt(32, "longest greedy response in the eval")
+    save_every: int = _opt(0, "checkpoint every N steps (0: at the end only; <0: never)")
+    resume: bool = _opt(False, "continue from out/checkpoint.pt")
+    device: Optional[str] = _opt(None, "None: cuda if available else cpu")
+    dtype: Optional[str] = _opt(None, "compute dtype (None: bfloat16 on cuda, float32 on cpu)")
+    progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
         if self.objective not in ("grpo", "rloo", "reinforce"):
@@ -113,6 +120,8 @@ class RLConfig:
             raise ValueError("k, prompts_per_step, ppo_epochs must be >= 1 and steps >= 0")
         if self.objective == "rloo" and self.k < 2:
             raise ValueError("rloo needs k >= 2")
+        if self.max_new_tokens < 1 or self.micro_batch < 0:
+            raise ValueError("max_new_tokens must be >= 1 and micro_batch >= 0")
 
     @property
     def log_temperature(self) -> float:
@@ -120,204 +129,23 @@ class RLConfig:
         return float(self.alpha if self.alpha is not None else self.temperature)
 
 
-# ============================================================================ data
-def load_prompts(path: Optional[str] = None) -> Tuple[List[dict], List[dict]]:
-    """(train, eval) prompt records {"prompt": str, "answer": str | None}.
-
-    `path`: .jsonl with a "prompt" per line (optional "answer", optional "split": "eval" marks
-    held-back prompts) or a text file with one prompt per line; None: erm/data/arithmetic.jsonl.
-    """
-    path = Path(path) if path is not None else ARITHMETIC
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-                if not isinstance(d, dict) or not isinstance(d.get("prompt"), (str, list)):
-                    raise ValueError(f"{path}:{n}: needs a 'prompt' field")
-            else:
-                d = {"prompt": line.rstrip("\n")}
-            a = d.get("answer")
-            rows.append({"prompt": d["prompt"], "answer": None if a is None else str(a),
-                         "split": d.get("split", "train")})
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    train = [r for r in rows if r["split"] != "eval"]
-    held = [r for r in rows if r["split"] == "eval"]
-    if not train:
-        raise ValueError(f"{path}: every prompt is in the eval split")
-    return train, held
-
-
-_NUM = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def final_number(text: str) -> Optional[str]:
-    """The last number in `text` ("1,200" → "1200"), or None."""
-    found = _NUM.findall(text.replace(",", ""))
-    return found[-1] if found else None
-
-
-def is_correct(text: str, answer: Optional[str]) -> bool:
-    """Exact match of the final number of `text` with `answer` (compared as numbers)."""
-    if answer is None:
-        return False
-    got = final_number(text)
-    try:
-        return got is not None and float(got) == float(answer)
-    except ValueError:
-        return False
-
-
-def make_arithmetic(n: int = 200, seed: int = 1234, eval_every: int = 5) -> List[dict]:
-    """Short arithmetic word problems (the built-in prompt set), deterministic for a seed.
-    Every `eval_every`-th problem is held back ("split": "eval")."""
-    rng = random.Random(seed)
-    names = ["Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva"]
-    items = ["apple", "book", "pencil", "marble", "cookie", "sticker", "card", "ball"]
-
-    def one():
-        who, it, kind = rng.choice(names), rng.choice(items), rng.randrange(7)
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
-        if kind == 0:
-            return f"{who} has {a} {it}s and buys {b} more. How many {it}s does {who} have now?", a + b
-        if kind == 1:
-            a, b = max(a, b) + 1, min(a, b)
-            return f"{who} had {a} {it}s and gave {b} to a friend. How many {it}s are left?", a - b
-        if kind == 2:
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
-            return (f"There are {a} boxes with {b} {it}s in each box. "
-                    f"How many {it}s are there in total?", a * b)
-        if kind == 3:
-            a, b = rng.randint(2, 9), rng.randint(2, 6)
-            return (f"{who} shares {a * b} {it}s equally among {b} friends. "
-                    f"How many {it}s does each friend get?", a)
-        if kind == 4:
-            return f"What is {a} plus {b}?", a + b
-        if kind == 5:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
-            return f"What is {a} times {b}?", a * b
-        c = rng.randint(1, min(a + b - 1, 9))
-        return (f"{who} has {a} {it}s, gets {b} more and then loses {c}. "
-                f"How many {it}s does {who} have?", a + b - c)
-
-    out, seen = [], set()
-    while len(out) < n:
-        q, ans = one()
-        if q in seen:
-            continue
-        seen.add(q)
-        out.append({"prompt": q + " Answer with a number.", "answer": str(ans),
-                    "split": "eval" if len(out) % eval_every == eval_every - 1 else "train"})
-    return out
-
-
-def write_arithmetic(path: Path = ARITHMETIC) -> None:
-    """(Re)write the built-in prompt file from `make_arithmetic()`."""
-    with open(path, "w", encoding="utf-8") as f:
-        for d in make_arithmetic():
-            f.write(json.dumps(d) + "\n")
-
-
 # ============================================================================ model helpers
-def _messages(prompt, system_prompt: Optional[str]) -> List[dict]:
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt and not (msgs and msgs[0].get("role") == "system"):
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
-    return msgs
-
-
 def encode_prompts(tokenizer, prompts: Sequence, system_prompt: Optional[str] = None,
                    pad_id: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """Chat-template and LEFT-pad prompts (so every response starts at the same column).
+    """Render prompts as the model's context (`erm.lm.context_ids`) and LEFT-pad them, so every
+    response starts at the same column.
 
     Returns:
         input_ids (B, P) int64 and attention_mask (B, P) int64, on the CPU.
     """
-    seqs = []
-    for p in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(_messages(p, system_prompt), tokenize=False,
-                                                 add_generation_prompt=True)
-            seqs.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            seqs.append(tokenizer(p if isinstance(p, str) else p[-1]["content"])["input_ids"])
-    pad = _pad_id(tokenizer) if pad_id is None else pad_id
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        attn[i, width - len(s):] = 1
+    seqs = [lm.context_ids(tokenizer, lm.messages(p, system_prompt)) for p in prompts]
+    ids, attn, _ = lm.pad(seqs, lm.pad_id(tokenizer) if pad_id is None else pad_id, side="left")
     return ids, attn
-
-
-def _pad_id(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-               else tokenizer.eos_token_id)
-
-
-def _eos_ids(model, tokenizer) -> List[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for x in (e if isinstance(e, (list, tuple)) else [e]):
-        if isinstance(x, int):
-            ids.add(x)
-    return sorted(ids)
-
-
-def _position_ids(attn: Tensor) -> Tensor:
-    return (attn.cumsum(1) - 1).clamp(min=0)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda"
                           and dtype in (torch.bfloat16, torch.float16))
-
-
-def window_token_stats(model, input_ids: Tensor, attention_mask: Tensor, start: int,
-                       targets: Tensor, *, alpha: float, entropy: bool = False,
-                       compute_dtype: Optional[torch.dtype] = None):
-    """`erm.TokenStats` of `targets` under `model` at the positions start..T−1 (position t
-    predicts the token after it), at temperature α.
-
-    For plain linear LM heads (Llama, Qwen2, ...) the decoder's final hidden states go straight
-    into the fused `erm.linear_token_stats` (no (B, T, V) logits); other heads fall back to
-    `model(..., logits_to_keep=T − start).logits` + `erm.token_stats`.
-
-    Args:
-        input_ids, attention_mask: (B, T) int64. start: first position of the window.
-        targets: (B, T − start) int64 with IGNORE (-100) where nothing is scored.
-        compute_dtype: cast hidden/weight to this dtype for the fused op (autocast on CUDA).
-    Returns:
-        TokenStats of (B, T − start) float32 tensors (entropy None unless asked).
-    """
-    import erm
-
-    pos = _position_ids(attention_mask)
-    head = model.get_output_embeddings()
-    cfg = model.config
-    plain = (isinstance(head, torch.nn.Linear) and getattr(cfg, "logit_scale", None) in (None, 1)
-             and getattr(cfg, "final_logit_softcapping", None) is None)
-    if plain:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=pos, use_cache=False).last_hidden_state
-        hidden = hidden[:, start:]
-        w, b = head.weight, head.bias
-        dt = compute_dtype if compute_dtype is not None else w.dtype
-        hidden, w = hidden.to(dt), w.to(dt)
-        b = b.to(dt) if b is not None else None
-        return erm.linear_token_stats(hidden, w, targets, bias=b, temperature=alpha,
-                                      ignore_index=IGNORE, entropy=entropy)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                   logits_to_keep=input_ids.shape[1] - start, use_cache=False).logits
-    return erm.token_stats(logits, targets, temperature=alpha, ignore_index=IGNORE,
-                           entropy=entropy)
 
 
 # ============================================================================ 1. rollout
@@ -328,7 +156,6 @@ class Rollout:
     input_ids / attention_mask: (B, P + R) int64, prompt left-padded to P, response after it.
     response_mask: (B, R) bool, True on response tokens (the EOS included, padding after it not).
     terminated: (B,) bool, True where the response ended with EOS.
-    group: (B,) int64, index of the prompt (samples of one prompt are contiguous).
     answers: per sample, the prompt's answer or None. texts: decoded responses.
     """
 
@@ -337,15 +164,14 @@ class Rollout:
     prompt_len: int
     response_mask: Tensor
     terminated: Tensor
-    group: Tensor
     answers: List[Optional[str]]
     texts: List[str]
 
     @property
     def targets(self) -> Tensor:
-        """(B, R) response token ids, IGNORE outside the response."""
+        """(B, R) response token ids, IGNORE_INDEX outside the response."""
         r = self.input_ids[:, self.prompt_len:]
-        return torch.where(self.response_mask, r, torch.full_like(r, IGNORE))
+        return torch.where(self.response_mask, r, torch.full_like(r, IGNORE_INDEX))
 
 
 @torch.no_grad()
@@ -359,7 +185,8 @@ def rollout(policy, tokenizer, records: Sequence[dict], k: int, *, max_new_token
     prompts = [r["prompt"] for r in records for _ in range(k)]
     ids, attn = encode_prompts(tokenizer, prompts, system_prompt)
     ids, attn = ids.to(dev), attn.to(dev)
-    eos, pad = _eos_ids(policy, tokenizer), _pad_id(tokenizer)
+    eos = lm.end_token_ids(policy, tokenizer)
+    pad = lm.pad_id(tokenizer, eos)
     gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                           use_cache=True)
@@ -379,50 +206,30 @@ def rollout(policy, tokenizer, records: Sequence[dict], k: int, *, max_new_token
     return Rollout(input_ids=torch.cat([ids, resp], 1),
                    attention_mask=torch.cat([attn, mask.long()], 1), prompt_len=p,
                    response_mask=mask, terminated=terminated,
-                   group=torch.arange(len(records), device=dev).repeat_interleave(k),
                    answers=[r.get("answer") for r in records for _ in range(k)], texts=texts)
 
 
 # ============================================================================ 2. score
-def rewards_from_stats(target_logit: Tensor, lse: Tensor, response_mask: Tensor,
-                       terminated: Tensor, *, alpha: float, gamma: float = 1.0) -> Tensor:
-    """Endogenous token rewards of the responses from the frozen model's window stats.
-
-    The window starts at the last prompt position, so index j of the stats (j = 0..R) predicts
-    response token j and index j + 1 is the state after it.
-
-    Args:
-        target_logit, lse: (B, R + 1) float32, z_j[a_{j}] and logsumexp(z_j/α) of the window.
-        response_mask: (B, R) bool. terminated: (B,) bool.
-    Returns:
-        (B, R) float32: r_j = z[a_j] − γ·α·lse_{j+1}, with the next value 0 after the last token
-        of a terminated response; 0 outside the mask.
-    """
-    r_len = response_mask.shape[1]
-    q, nxt = target_logit[:, :r_len], alpha * lse[:, 1:r_len + 1]
-    last = response_mask.long().cumsum(1) == response_mask.sum(1, keepdim=True)
-    is_last = response_mask & last
-    nxt = torch.where(is_last & terminated[:, None], torch.zeros_like(nxt), nxt)
-    r = q - gamma * nxt
-    return torch.where(response_mask, r, torch.zeros_like(r))
-
-
 @torch.no_grad()
 def score(frozen, batch: Rollout, *, alpha: float, gamma: float = 1.0,
           compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """ONE forward of the frozen base model → (reference log-probs, endogenous token rewards).
 
+    The window runs from the last prompt position p−1 to the end: index j predicts response
+    token j (the last index predicts nothing), so the stats are those of `erm.rewards_from_stats`
+    with the response shifted one position right.
+
     Returns:
         ref_logprobs (B, R) float32 (log π_ref,α of each response token, 0 outside the mask) and
-        token_rewards (B, R) float32 (`rewards_from_stats`).
+        token_rewards (B, R) float32 (r_j = z[a_j] − γ·V(next state), V = 0 after the last token
+        of a terminated response; 0 outside the mask).
     """
-    p = batch.prompt_len
-    # window = positions p−1 .. T−1: targets are the response tokens, then nothing at T−1
-    tg = torch.cat([batch.targets, torch.full_like(batch.targets[:, :1], IGNORE)], 1)
-    st = window_token_stats(frozen, batch.input_ids, batch.attention_mask, p - 1, tg,
-                            alpha=alpha, compute_dtype=compute_dtype)
-    r = rewards_from_stats(st.target_logit, st.lse, batch.response_mask, batch.terminated,
-                           alpha=alpha, gamma=gamma)
+    tg = torch.cat([batch.targets, torch.full_like(batch.targets[:, :1], IGNORE_INDEX)], 1)
+    st = lm.window_token_stats(frozen, batch.input_ids, batch.attention_mask,
+                               batch.prompt_len - 1, tg, alpha=alpha, compute_dtype=compute_dtype)
+    mask = torch.cat([batch.response_mask.new_zeros(batch.response_mask.shape[0], 1),
+                      batch.response_mask], 1)  # window index j + 1 holds response token j
+    r = rewards_from_stats(st, mask, batch.terminated, alpha=alpha, gamma=gamma)[:, 1:]
     return st.logprob[:, :-1].float(), r.float()
 
 
@@ -486,9 +293,9 @@ def advantages(cfg: RLConfig, token_rewards: Tensor, response_mask: Tensor,
 def policy_logprobs(policy, batch: Rollout, *, alpha: float, entropy: bool = True,
                     compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Policy log-probs (B, R) and entropies (B, R) (float32, with autograd) of the responses."""
-    st = window_token_stats(policy, batch.input_ids[:, :-1], batch.attention_mask[:, :-1],
-                            batch.prompt_len - 1, batch.targets, alpha=alpha, entropy=entropy,
-                            compute_dtype=compute_dtype)
+    st = lm.window_token_stats(policy, batch.input_ids[:, :-1], batch.attention_mask[:, :-1],
+                               batch.prompt_len - 1, batch.targets, alpha=alpha, entropy=entropy,
+                               compute_dtype=compute_dtype)
     return st.logprob, st.entropy
 
 
@@ -520,16 +327,19 @@ def ppo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, adv: 
 
 def _slice(batch: Rollout, i: int, j: int) -> Rollout:
     return Rollout(batch.input_ids[i:j], batch.attention_mask[i:j], batch.prompt_len,
-                   batch.response_mask[i:j], batch.terminated[i:j], batch.group[i:j],
+                   batch.response_mask[i:j], batch.terminated[i:j],
                    batch.answers[i:j], batch.texts[i:j])
 
 
 def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor, cfg: RLConfig,
            old_logprobs: Optional[Tensor] = None,
-           compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Dict[str, float]]:
-    """`cfg.ppo_epochs` optimizer steps on one batch. Returns (old log-probs (B, R), metrics of
-    the first epoch: kl, entropy, ratio (means over response tokens), and over all epochs: clip
-    fraction, loss per epoch, grad norm)."""
+           compute_dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """`cfg.ppo_epochs` optimizer steps on one batch.
+
+    `old_logprobs` (B, R): log π_old of the responses; None takes them from the first epoch's
+    forward, which runs with the rollout weights. Returns the metrics of the first epoch (kl,
+    entropy, ratio: means over response tokens) and over all epochs (clip fraction, first and
+    last loss, grad norm)."""
     alpha = cfg.log_temperature
     n_tok = int(batch.response_mask.sum().clamp(min=1))
     b = batch.input_ids.shape[0]
@@ -565,28 +375,27 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
         if old_logprobs is None:
             old_logprobs = torch.cat(old_parts)
     optimizer.zero_grad(set_to_none=True)
-    metrics = dict(first, clip_frac=clip / cfg.ppo_epochs, loss=losses[0], loss_last=losses[-1],
-                   grad_norm=gnorm)
-    return old_logprobs, metrics
+    return dict(first, clip_frac=clip / cfg.ppo_epochs, loss=losses[0], loss_last=losses[-1],
+                grad_norm=gnorm)
 
 
 # ============================================================================ evaluation
 @torch.no_grad()
 def evaluate_accuracy(policy, tokenizer, prompts: Sequence[dict], *, max_new_tokens: int = 32,
-                      batch_size: int = 16, system_prompt: Optional[str] = None,
-                      return_texts: bool = False):
+                      batch_size: int = 16, system_prompt: Optional[str] = None) -> float:
     """Greedy exact-match accuracy of the final number of each response vs its "answer".
 
     Args:
         prompts: records {"prompt": str or chat, "answer": str}.
     Returns:
-        accuracy as a float in [0, 1] (nan with no prompts); with return_texts, (accuracy, texts).
+        accuracy as a float in [0, 1] (nan with no prompts).
     """
     from transformers import GenerationConfig
 
     dev = next(policy.parameters()).device
     gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                          eos_token_id=_eos_ids(policy, tokenizer), pad_token_id=_pad_id(tokenizer))
+                          eos_token_id=lm.end_token_ids(policy, tokenizer),
+                          pad_token_id=lm.pad_id(tokenizer))
     texts = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
@@ -596,18 +405,13 @@ def evaluate_accuracy(policy, tokenizer, prompts: Sequence[dict], *, max_new_tok
         texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     hits = [is_correct(t, r.get("answer")) for t, r in zip(texts, prompts)]
     acc = sum(hits) / len(hits) if hits else float("nan")
-    return (acc, texts) if return_texts else acc
+    return acc
 
 
 # ============================================================================ the loop
 def _resolve_device_dtype(cfg: RLConfig) -> Tuple[torch.device, torch.dtype]:
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = cfg.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    dt = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {cfg.dtype!r}")
-    return dev, dt
+    dev = torch.device(cfg.device) if cfg.device else lm.default_device()
+    return dev, lm.as_dtype(cfg.dtype) or lm.default_dtype(dev)
 
 
 def _peak_memory_mb(dev: torch.device) -> float:
@@ -636,7 +440,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if model is None:
-            model, tokenizer = load_model(cfg.model)
+            model, tokenizer = lm.load(cfg.model)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer with the model")
         self.tokenizer = tokenizer
@@ -688,7 +492,7 @@ class Trainer:
                               compute_dtype=self.dtype)
         ver = verifiable_rewards(batch)
         adv, resp_r = advantages(cfg, tok_r, batch.response_mask, ver)
-        _, m = update(self.policy, self.optimizer, batch, adv, ref_lp, cfg,
+        m = update(self.policy, self.optimizer, batch, adv, ref_lp, cfg,
                       compute_dtype=self.dtype)
         dt = time.perf_counter() - t0
         n_resp = int(batch.response_mask.sum())
@@ -779,15 +583,6 @@ class Trainer:
         return summary
 
 
-def load_model(name: Optional[str], dtype=torch.float32):
-    """(model, tokenizer): the embedded default model for None (erm.default_model), else a local
-    directory or a model in the local Hugging Face cache (never downloads)."""
-    from .model import EndoRM
-
-    rm = EndoRM.from_pretrained(name, device="cpu", dtype=dtype)  # the loading path of EndoRM
-    return rm.model, rm.tokenizer
-
-
 def plot_curves(records: List[dict], path) -> Path:
     """PNG of the per-step curves (reward, accuracy, KL, entropy, length, clip fraction)."""
     import matplotlib
@@ -813,31 +608,20 @@ def plot_curves(records: List[dict], path) -> Path:
 
 
 # ============================================================================ CLI
-def _field_help() -> Dict[str, str]:
-    """The trailing comments of RLConfig's fields, as CLI help."""
-    import inspect
-    out = {}
-    for line in inspect.getsource(RLConfig).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=[^#]+#\s*(.+)", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RLConfig field, its help from the field's metadata."""
     hints = typing.get_type_hints(RLConfig)
-    helps = _field_help()
     for f in dataclasses.fields(RLConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        h = f.metadata.get("help", "")
         if base is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=helps.get(f.name))
+                           default=f.default, help=h)
         else:
-            h = (helps.get(f.name, "") + f" (default: {f.default})").strip()
-            p.add_argument(flag, dest=f.name, type=base, default=f.default, help=h,
-                           choices=("grpo", "rloo", "reinforce") if f.name == "objective" else None)
+            p.add_argument(flag, dest=f.name, type=base, default=f.default,
+                           help=f"{h} (default: {f.default})", choices=f.metadata.get("choices"))
 
 
 def _config_from_args(args) -> RLConfig:
@@ -845,8 +629,13 @@ def _config_from_args(args) -> RLConfig:
 
 
 def _run(args, rm=None) -> int:
+    """`erm rl`: train and print a one-line JSON summary. With `rm` (an `erm.EndoRM`, as
+    `erm.cli.main(argv, rm=...)` passes it) the policy starts from a copy of its model."""
     cfg = _config_from_args(args)
-    summary = Trainer(cfg).train()
+    model = tok = None
+    if rm is not None:
+        model, tok = copy.deepcopy(rm.model), rm.tokenizer
+    summary = Trainer(cfg, model, tok).train()
     last = summary["steps"][-1] if summary["steps"] else {}
     print(json.dumps({"accuracy_before": summary.get("accuracy_before"),
                       "accuracy_after": summary.get("accuracy_after"),
@@ -856,7 +645,7 @@ def _run(args, rm=None) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `erm rl` on an argparse subparsers object (handler: func(args, rm))."""
+    """Register `erm rl` on an argparse subparsers object (handler: `func(args, rm=None)`)."""
     p = subparsers.add_parser("rl", help="RL fine-tuning on endogenous rewards (erm.rl)",
                               description=__doc__.split("\n\n")[0])
     _add_config_flags(p)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import erm
-from erm import EndoRM, SentenceReward, TokenRewards
+from erm import EndoRM, SentenceReward, TokenRewards, lm
+from erm.lm import TruncationWarning
 from tests.tiny import tiny_model_and_tokenizer
 
 ARCHS = ["llama", "qwen2"]
@@ -175,7 +176,7 @@ def test_chat_template_encoding(tiny):
     model, tok = tiny
     rm = EndoRM(model, tok)
     r = "The capital of France is Paris."
-    enc = rm._encode(Q, r, None)
+    enc = rm.encode(Q, r)
     assert enc.ids == chat_ids(tok, Q, r)
     resp = tok.decode(enc.ids[-enc.n_resp:])
     assert resp == r + "<|im_end|>"
@@ -219,14 +220,14 @@ def test_system_prompt(tiny64):
     torch.testing.assert_close(plain.score(Q, r, system_prompt=sp), b)
     torch.testing.assert_close(guided.score(Q, r, system_prompt=""), a)
     # the system message is in the context, as the template renders it
-    enc = guided._encode(Q, r, sp)
+    enc = guided.encode(Q, r, system_prompt=sp)
     assert enc.ids == chat_ids(tok, Q, r, system=sp)
     assert tok.decode(enc.ids).startswith("<|im_start|>system\n" + sp + "<|im_end|>")
     ref, _, _ = ref_rewards(model64, enc.ids, enc.n_resp)
     torch.testing.assert_close(b[0].double(), ref.sum(), rtol=1e-5, atol=1e-4)
     # a chat that has its own system message gets the system prompt in front of it
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": Q}]
-    enc = guided._encode(chat, r, sp)
+    enc = guided.encode(chat, r, system_prompt=sp)
     assert tok.decode(enc.ids).startswith(f"<|im_start|>system\n{sp}\n\nBe brief.<|im_end|>")
 
 
@@ -235,7 +236,7 @@ def test_no_template_concatenation():
     m64 = copy.deepcopy(model).double()
     rm = EndoRM(model, tok)
     p, r = "What is 2+2?", " It is 4."
-    enc = rm._encode(p, r, None)
+    enc = rm.encode(p, r)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     want = tok(p)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"] + [eos]
     assert enc.ids == want and enc.n_resp == len(want) - len(tok(p)["input_ids"])
@@ -303,12 +304,20 @@ def test_best_of_n(tiny):
 def test_truncation_from_the_left(tiny64):
     model, model64, tok = tiny64
     r = "Paris."
-    full = EndoRM(model, tok)._encode(Q, r, None)
+    full = EndoRM(model, tok).encode(Q, r)
     rm = EndoRM(model, tok, max_length=full.n_resp + 5)
-    enc = rm._encode(Q, r, None)
+    enc = rm.encode(Q, r)
     assert enc.ids == full.ids[-(full.n_resp + 5):] and enc.n_resp == full.n_resp
+    assert enc.n_cut == len(full.ids) - len(enc.ids) > 0 and full.n_cut == 0
     ref, _, _ = ref_rewards(model64, enc.ids, enc.n_resp)
-    torch.testing.assert_close(rm.score(Q, r)[0].double(), ref.sum(), rtol=1e-5, atol=1e-4)
+    with pytest.warns(TruncationWarning, match="2 of 2 prompt") as rec:
+        got = rm.score([Q, Q], [r, r])
+    assert [w.message.indices for w in rec] == [[0, 1]]  # one warning per call
+    torch.testing.assert_close(got.double(), ref.sum().repeat(2), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="truncate=True"):
+        rm.score(Q, r, truncate=False)
+    with pytest.raises(ValueError, match="pair 0"):
+        rm.check_pair(Q, r, truncate=False)
     with pytest.raises(ValueError, match="max_length"):
         EndoRM(model, tok, max_length=full.n_resp).score(Q, r)
 
@@ -386,16 +395,27 @@ def test_from_pretrained_local_dir(tmp_path):
 @pytest.mark.skipif(not hasattr(erm, "linear_endogenous_rewards"),
                     reason="erm.linear_endogenous_rewards not available")
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_fused_path_matches_logits_path(tiny, side):
+def test_fused_path_matches_logits_path(tiny, side, monkeypatch):
     model, tok = tiny
     tok = copy.deepcopy(tok)
     tok.padding_side = side
     rm = EndoRM(model, tok, batch_size=4, alpha=0.9, gamma=0.95)
-    assert rm._use_fused()
+    assert lm.plain_lm_head(rm.model) is not None
+    paths = []
+    real = lm.window
+
+    def spy(*a, **kw):
+        win = real(*a, **kw)
+        paths.append("logits" if win.logits is not None else "hidden")
+        return win
+
+    monkeypatch.setattr(lm, "window", spy)
     fused = rm.score(PROMPTS, RESPONSES, progress=False)
+    assert set(paths) == {"hidden"}
     rm.fused = False
-    assert not rm._use_fused()
+    paths.clear()
     plain = rm.score(PROMPTS, RESPONSES, progress=False)
+    assert set(paths) == {"logits"}
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
     a = rm.token_rewards(Q, RESPONSES[1])
     rm.fused = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erm
-from erm import rl
+from erm import lm, rl, tasks
 from tests.tiny import tiny_model_and_tokenizer
 
 PROMPTS = [{"prompt": f"What is {i} plus {i + 1}? Answer with a number.", "answer": str(2 * i + 1)}
@@ -30,7 +30,7 @@ def manual_batch(tok, terminated=(True, False, True)):
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     resp = torch.where(mask, resp, torch.full_like(resp, tok.pad_token_id))
     return rl.Rollout(torch.cat([ids, resp], 1), torch.cat([attn, mask.long()], 1), ids.shape[1],
-                      mask, torch.tensor(terminated), torch.arange(3), [None] * 3, [""] * 3)
+                      mask, torch.tensor(terminated), [None] * 3, [""] * 3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -43,7 +43,7 @@ def test_dense_rewards_match_endogenous_rewards_and_telescope(arch):
     full_mask[:, p:] = b.response_mask
     with torch.no_grad():
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                       position_ids=rl._position_ids(b.attention_mask)).logits
+                       position_ids=lm.position_ids(b.attention_mask)).logits
         expect = erm.endogenous_rewards(logits, b.input_ids, response_mask=full_mask, alpha=alpha,
                                         terminated=b.terminated)[:, p:]
         v1 = alpha * torch.logsumexp(logits[:, p - 1] / alpha, -1)
@@ -125,10 +125,12 @@ def test_surrogate_loss_decreases_on_a_fixed_batch(tmp_path):
     b = rl.rollout(t.policy, t.tokenizer, PROMPTS[:2], 3, max_new_tokens=6, temperature=1.0)
     ref_lp, r = rl.score(t.frozen, b, alpha=1.0)
     adv, _ = rl.advantages(t.cfg, r, b.response_mask, torch.zeros(6))
-    old, m = rl.update(t.policy, t.optimizer, b, adv, ref_lp, t.cfg)
+    with torch.no_grad():
+        old, _ = rl.policy_logprobs(t.policy, b, alpha=1.0)
+    m = rl.update(t.policy, t.optimizer, b, adv, ref_lp, t.cfg)
     losses = [m["loss"]]
     for _ in range(3):
-        _, m = rl.update(t.policy, t.optimizer, b, adv, ref_lp, t.cfg, old_logprobs=old)
+        m = rl.update(t.policy, t.optimizer, b, adv, ref_lp, t.cfg, old_logprobs=old)
         losses.append(m["loss"])
     assert all(b2 < a2 for a2, b2 in zip(losses, losses[1:])), losses
 
@@ -178,13 +180,13 @@ def test_end_to_end_cli_writes_log_png_and_checkpoint(tmp_path, capsys):
 
 
 def test_builtin_arithmetic_prompts():
-    rows = [json.loads(x) for x in rl.ARITHMETIC.read_text().splitlines()]
-    assert rows == rl.make_arithmetic()          # the committed file is the generator's output
-    train, held = rl.load_prompts()
+    rows = [json.loads(x) for x in tasks.ARITHMETIC.read_text().splitlines()]
+    assert rows == tasks.make_arithmetic()          # the committed file is the generator's output
+    train, held = tasks.load_prompts()
     assert len(train) + len(held) >= 100 and len(held) >= 20
-    assert all(rl.is_correct(f"so {r['answer']}.", r["answer"]) for r in held)
-    assert rl.final_number("It is 1,200 or -3.5 apples") == "-3.5"
-    assert not rl.is_correct("no number", "3") and rl.is_correct("3.0", "3")
+    assert all(tasks.is_correct(f"so {r['answer']}.", r["answer"]) for r in held)
+    assert tasks.final_number("It is 1,200 or -3.5 apples") == "-3.5"
+    assert not tasks.is_correct("no number", "3") and tasks.is_correct("3.0", "3")
 
 
 def test_erm_cli_registers_rl_and_flags_follow_the_config():

@@ -21,7 +21,7 @@ def test_standard_and_conversational_formats_match_endorm(rm):
     prompts = ["What is 2+2?", "Name a capital."]
     comps = ["It is 4.", "Paris is the capital of France."]
     expect = rm.score(prompts, comps).tolist()
-    end = tok_end = next(iter(rm._end_ids))
+    end = tok_end = next(iter(rm.end_ids))
     got = f(prompts=prompts, completions=comps, completion_ids=[[7, end], [9, tok_end]],
             trainer_state=None)
     assert isinstance(got, list) and all(isinstance(x, float) for x in got)

@@ -34,18 +34,29 @@ def _text(completion) -> str:
     if isinstance(completion, dict):
         return str(completion.get("content", ""))
     if isinstance(completion, (list, tuple)):  # conversational: [{"role": "assistant", ...}, ...]
-        return "".join(str(m.get("content", "")) for m in completion
+        return "".join(_content(m.get("content", "")) for m in completion
                        if isinstance(m, dict) and m.get("role", "assistant") == "assistant")
     raise TypeError(f"a completion must be a string or a list of messages, got "
                     f"{type(completion).__name__}")
 
 
+def _content(content) -> str:
+    """A message content as text: a string, or TRL/OpenAI content parts ({"type": "text",
+    "text": ...}) joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    raise TypeError(f"a message content must be a string or a list of parts, got "
+                    f"{type(content).__name__}")
+
+
 def _prompt(prompt):
+    """A TRL prompt as what `erm.lm.messages` takes (a string or string-content messages)."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        return [{"role": m["role"], "content": _text(m["content"])
-                 if not isinstance(m["content"], str) else m["content"]} for m in prompt]
+        return [{**m, "content": _content(m.get("content", ""))} for m in prompt]
     raise TypeError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
 
 
@@ -75,10 +86,7 @@ class EndogenousRewardFunc:
         """Per completion: did it end with an end-of-turn / EOS id (True when unknown)?"""
         if not self.detect_truncation or completion_ids is None or len(completion_ids) != n:
             return [True] * n
-        ends = set(getattr(self.rm, "_end_ids", ()) or ())
-        eos = getattr(self.rm.tokenizer, "eos_token_id", None)
-        if eos is not None:
-            ends.add(int(eos))
+        ends = set(self.rm.end_ids)
         out = []
         for ids in completion_ids:
             ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
