@@ -74,43 +74,75 @@ def backends() -> dict:
     }
 
 
-def resolve(backend: str, device, dtype=None) -> str:
-    """Map a requested backend name to the one that will run for tensors on `device` (float64
-    tensors go to torch under "auto": the kernels are for float32 and narrower)."""
+def _requested(backend: str) -> str:
+    """The backend name asked for: `backend`, or ERM_BACKEND when it is "auto"."""
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("ERM_BACKEND", "auto").strip().lower() or "auto"
         if backend not in NAMES:
             raise ValueError(f"ERM_BACKEND must be one of {NAMES}, got {backend!r}")
-    on_cuda = getattr(device, "type", str(device)) == "cuda"
-    if backend == "auto":
-        import torch
+    return backend
 
-        if dtype == torch.float64:
-            choice = "torch"
-        elif on_cuda and cuda_extension() is not None:
-            choice = "cuda"
-        elif on_cuda and _has_triton():
-            choice = "triton"
-        else:
-            choice = "torch"
-        log.debug("erm: backend auto -> %s for device %s", choice, device)
-        return choice
-    if backend == "cuda":
-        if not on_cuda:
-            raise ValueError("backend='cuda' needs CUDA tensors")
-        if cuda_extension() is None:
-            raise RuntimeError("backend='cuda' but the CUDA extension erm._C was not built "
-                               "(reinstall with ERM_BUILD_CUDA=1 pip install --no-build-isolation .)")
-    if backend == "triton":
+
+def _auto(table, on_cuda: bool, dtype) -> str:
+    import torch
+
+    if dtype == torch.float64:
+        return "torch"
+    if on_cuda and "cuda" in table and not isinstance(table["cuda"], str) \
+            and cuda_extension() is not None:
+        return "cuda"
+    if on_cuda and _has_triton():
+        return "triton"
+    return "torch"
+
+
+def _check_runnable(name: str, on_cuda: bool, dtype):
+    import torch
+
+    if name == "cuda" and cuda_extension() is None:
+        raise RuntimeError("backend='cuda' but the CUDA extension erm._C was not built "
+                           "(reinstall with ERM_BUILD_CUDA=1 pip install --no-build-isolation .)")
+    if name == "triton":
         if not _has_triton():
             raise RuntimeError("backend='triton' but triton is not installed")
         if not on_cuda and not triton_interpret():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
         if not on_cuda:
             _check_interpreter()
-    return backend
+    if dtype == torch.float64 and name != "torch":
+        raise TypeError("float64 inputs are supported by the torch backend only")
+
+
+def select(table: dict, backend: str, device, dtype, *, key=None, measure=None):
+    """The entry of an op's backend `table` that runs for tensors of `dtype` on `device`:
+    (name, (forward, backward)).
+
+    `table` maps "torch" / "triton" / "cuda" to a zero-argument function returning the op's
+    (forward, backward) pair (so kernel modules are imported only when used), or to the name of
+    another entry (an op without a CUDA C++ kernel maps "cuda" to "triton"). `backend` is
+    "auto" | "cuda" | "triton" | "torch"; "auto" follows ERM_BACKEND, else picks torch for CPU
+    or float64 tensors, and for CUDA tensors the faster of cuda and triton: measured once per
+    `key` with `measure(pair)` (a zero-argument callable running that pair) when given, else the
+    choice already measured under `key` (a backward reusing its forward's), else cuda.
+    Raises ValueError / RuntimeError / TypeError when the backend cannot run these tensors."""
+    requested = _requested(backend)
+    on_cuda = getattr(device, "type", str(device)) == "cuda"
+    if requested == "cuda" and not on_cuda:
+        raise ValueError("backend='cuda' needs CUDA tensors")
+    name = _auto(table, on_cuda, dtype) if requested == "auto" else requested
+    if isinstance(table[name], str):  # an alias, e.g. "cuda" -> "triton"
+        name = table[name]
+    _check_runnable(name, on_cuda, dtype)
+    if requested == "auto" and name == "cuda" and _has_triton() \
+            and os.environ.get("ERM_MEASURE") != "0" and key is not None:
+        if key in _FASTEST or measure is None:
+            name = _FASTEST.get(key, name)
+        else:
+            name = fastest(key, {n: measure(table[n]()) for n in ("cuda", "triton")})
+    log.debug("erm: backend %s -> %s for %s %s", backend, name, device, dtype)
+    return name, table[name]()
 
 
 _FASTEST = {}  # measured choices: key -> backend name
@@ -147,17 +179,3 @@ def fastest(key, runners, *, reps: int = 5) -> str:
     log.debug("erm: measured %s: %s -> %s", key,
               {k: f"{v * 1e3:.3f} ms" for k, v in times.items()}, choice)
     return choice
-
-
-def choose(backend: str, device, dtype, key, runners=None) -> str:
-    """`resolve`, plus the measured choice between cuda and triton when "auto" could use both.
-
-    `runners(names)` builds {name: zero-argument callable} for the candidates; without it (e.g. in
-    a backward pass) the choice already measured under `key` is reused, if any."""
-    name = resolve(backend, device, dtype)
-    auto = backend == "auto" and os.environ.get("ERM_BACKEND", "auto").strip().lower() in ("", "auto")
-    if not (auto and name == "cuda" and _has_triton()) or os.environ.get("ERM_MEASURE") == "0":
-        return name
-    if key in _FASTEST or runners is None:
-        return _FASTEST.get(key, name)
-    return fastest(key, runners(("cuda", "triton")))

@@ -395,4 +395,5 @@ def test_cuda_matches_triton(cuda_backend, n, v, dtype):
 @pytest.mark.gpu
 def test_cuda_auto_picks_cuda(cuda_backend, monkeypatch):
     monkeypatch.delenv("ERM_BACKEND", raising=False)
-    assert dispatch.resolve("auto", torch.device("cuda")) == "cuda"
+    from erm.ops.token_stats import BACKENDS
+    assert dispatch.select(BACKENDS, "auto", torch.device("cuda"), torch.bfloat16)[0] == "cuda"

@@ -41,39 +41,77 @@ def test_fastest_skips_a_failing_runner():
     assert dispatch.fastest("k2", {"cuda": boom, "triton": lambda: None}) == "triton"
 
 
-def test_choose_measures_only_for_auto_with_both_backends(monkeypatch):
-    monkeypatch.setattr(dispatch, "resolve", lambda b, d, t=None: "cuda" if b == "auto" else b)
+def _table(calls=None):
+    """A backend table whose entries say who they are (and count their loads)."""
+    def entry(name):
+        def load():
+            if calls is not None:
+                calls.append(name)
+            return (f"{name}.fwd", f"{name}.bwd")
+        return load
+    return {"torch": entry("torch"), "triton": entry("triton"), "cuda": entry("cuda")}
+
+
+def test_select_measures_only_for_auto_with_both_backends(monkeypatch):
+    monkeypatch.setattr(dispatch, "cuda_extension", lambda: object())
     monkeypatch.setattr(dispatch, "_has_triton", lambda: True)
     built = []
 
-    def runners(names):
-        built.append(names)
-        return {"cuda": lambda: time.sleep(0.003), "triton": lambda: None}
+    def measure(pair):
+        built.append(pair)
+        return (lambda: time.sleep(0.003)) if pair[0] == "cuda.fwd" else (lambda: None)
 
-    assert dispatch.choose("auto", "cuda", torch.bfloat16, "key", runners) == "triton"
-    assert built == [("cuda", "triton")]
-    assert dispatch.choose("auto", "cuda", torch.bfloat16, "key") == "triton"  # backward: reuse
-    assert dispatch.choose("cuda", "cuda", torch.bfloat16, "key", runners) == "cuda"  # explicit
+    cuda = torch.device("cuda")
+    assert dispatch.select(_table(), "auto", cuda, torch.bfloat16, key="k",
+                           measure=measure) == ("triton", ("triton.fwd", "triton.bwd"))
+    assert built == [("cuda.fwd", "cuda.bwd"), ("triton.fwd", "triton.bwd")]
+    # a backward without a measure reuses the forward's choice; no key: the cuda default
+    assert dispatch.select(_table(), "auto", cuda, torch.bfloat16, key="k")[0] == "triton"
+    assert dispatch.select(_table(), "auto", cuda, torch.bfloat16)[0] == "cuda"
+    assert dispatch.select(_table(), "cuda", cuda, torch.bfloat16, key="k2",
+                           measure=measure)[0] == "cuda"  # explicit: never measured
     monkeypatch.setenv("ERM_MEASURE", "0")
-    assert dispatch.choose("auto", "cuda", torch.bfloat16, "other", runners) == "cuda"
-    assert len(built) == 1
+    assert dispatch.select(_table(), "auto", cuda, torch.bfloat16, key="k3",
+                           measure=measure)[0] == "cuda"
+    assert len(built) == 2
 
 
-def test_resolve_rules():
-    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
-    assert dispatch.resolve("auto", torch.device("cpu"), torch.float64) == "torch"
+def test_select_alias_and_lazy_loading(monkeypatch):
+    """"cuda" may name another entry (an op without a CUDA C++ kernel runs Triton); only the
+    chosen entry is loaded."""
+    monkeypatch.setattr(dispatch, "cuda_extension", lambda: None)  # not built: alias still runs
+    monkeypatch.setattr(dispatch, "_has_triton", lambda: True)
+    calls = []
+    table = dict(_table(calls), cuda="triton")
+    cuda = torch.device("cuda")
+    assert dispatch.select(table, "cuda", cuda, torch.float16)[0] == "triton"
+    assert dispatch.select(table, "auto", cuda, torch.float16)[0] == "triton"
+    assert calls == ["triton", "triton"]
     with pytest.raises(ValueError, match="CUDA"):
-        dispatch.resolve("cuda", torch.device("cpu"))
+        dispatch.select(table, "cuda", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="not built"):
+        dispatch.select(_table(), "cuda", cuda, torch.float16)
+
+
+def test_select_rules():
+    cpu = torch.device("cpu")
+    assert dispatch.select(_table(), "auto", cpu, torch.float32)[0] == "torch"
+    assert dispatch.select(_table(), "auto", cpu, torch.float64)[0] == "torch"
+    with pytest.raises(ValueError, match="CUDA"):
+        dispatch.select(_table(), "cuda", cpu, torch.float32)
     with pytest.raises(ValueError, match="backend"):
-        dispatch.resolve("fast", torch.device("cpu"))
+        dispatch.select(_table(), "fast", cpu, torch.float32)
+    if dispatch.backends()["triton"] and not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="float64"):
+            dispatch.select(_table(), "triton", cpu, torch.float64)
 
 
 def test_erm_backend_env(monkeypatch):
     monkeypatch.setenv("ERM_BACKEND", "bogus")
     with pytest.raises(ValueError, match="ERM_BACKEND"):
-        dispatch.resolve("auto", torch.device("cpu"))
+        dispatch.select(_table(), "auto", torch.device("cpu"), torch.float32)
     monkeypatch.setenv("ERM_BACKEND", "torch")
-    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
+    assert dispatch.select(_table(), "auto", torch.device("cpu"), torch.float32)[0] == "torch"
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and dispatch.cuda_extension() is not None
@@ -102,8 +140,8 @@ def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
     with pytest.raises(RuntimeError, match="numpy<2.4 or triton>=3.7"):
-        dispatch.resolve("triton", torch.device("cpu"), torch.float32)
+        dispatch.select(_table(), "triton", torch.device("cpu"), torch.float32)
     dispatch._check_interpreter.cache_clear()
     monkeypatch.setattr(numpy, "__version__", "2.3.5")
-    assert dispatch.resolve("triton", torch.device("cpu"), torch.float32) == "triton"
+    assert dispatch.select(_table(), "triton", torch.device("cpu"), torch.float32)[0] == "triton"
     dispatch._check_interpreter.cache_clear()

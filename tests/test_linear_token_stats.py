@@ -237,7 +237,8 @@ def test_gradcheck_float64_torch():
 
 
 def test_auto_backend_cpu_is_torch():
-    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
+    from erm.ops.linear_token_stats import BACKENDS as table
+    assert dispatch.select(table, "auto", torch.device("cpu"), torch.float32)[0] == "torch"
     h, w, b, t, _ = _inputs(3, 16, 50, device="cpu")
     a = erm.linear_token_stats(h, w, t, bias=b)
     c = erm.linear_token_stats(h, w, t, bias=b, backend="torch")

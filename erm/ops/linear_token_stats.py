@@ -19,14 +19,15 @@ stays below `torch_impl.CHUNK_BYTES`. Registered as `erm::linear_token_stats` (+
 `erm::linear_token_stats_backward`) with fake kernels and autograd, so `torch.compile(fullgraph=
 True)` traces it. Test: tests/test_linear_token_stats.py. Bench: benches/bench_linear_token_stats.py.
 """
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _checks, dispatch
 from . import torch_impl
-from .endogenous import _IGNORE, _reward_setup, _rewards_from_stats
+from ..constants import IGNORE_INDEX
+from .endogenous import _reward_args, _rewards, _shifted
 from .token_stats import TokenStats
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def _torch_forward(hidden, weight, bias, targets, alpha, ignore_index, with_entr
 
 
 def _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha,
-                    ignore_index, need):
+                    ignore_index, *, need, deterministic=True):
     acc = _acc_dtype(hidden)
     need_h, need_w, need_b = need
     need_b = need_b and bias is not None
@@ -96,35 +97,32 @@ def _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, 
 # dispatch and the torch.library ops
 
 
-def _backend(backend: str, device, dtype=None) -> str:
-    """torch | triton for this op: there is no CUDA C++ kernel of it, so "cuda" (or "auto" picking
-    the CUDA extension) runs the Triton kernels."""
-    if backend == "cuda":
-        if getattr(device, "type", str(device)) != "cuda":
-            raise ValueError("backend='cuda' needs CUDA tensors")
-        backend = "triton"
-    name = dispatch.resolve(backend, device, dtype)
-    return "triton" if name == "cuda" else name
+def _torch():
+    return _torch_forward, _torch_backward
 
 
-def _check_dtype_backend(hidden: Tensor, name: str):
-    if hidden.dtype == torch.float64 and name != "torch":
-        raise TypeError("float64 hidden/weight are supported by the torch backend only")
+def _triton():
+    from ..kernels import linear_token_stats as k
+    return k.forward, k.backward
+
+
+# The backends of this op (see `dispatch.select`). There is no CUDA C++ kernel of it: "cuda" (and
+# "auto" on CUDA tensors) runs the Triton kernels.
+BACKENDS = {"torch": _torch, "triton": _triton, "cuda": "triton"}
+
+
+def _ignore(ignore_index: Optional[int]) -> int:
+    return -1 if ignore_index is None else ignore_index  # None: all targets checked in [0, V)
 
 
 @torch.library.custom_op("erm::linear_token_stats", mutates_args=())
 def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                           alpha: float, ignore_index: int, with_entropy: bool, deterministic: bool,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           alpha: float, ignore_index: Optional[int], with_entropy: bool,
+                           deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the one range check of the ids (a device sync), inside the op so torch.compile traces it
     _checks.check_target_range(targets, weight.shape[0], ignore_index)
-    name = _backend(backend, hidden.device, hidden.dtype)
-    _check_dtype_backend(hidden, name)
-    if name == "torch":
-        fwd = _torch_forward
-    else:
-        from ..kernels import linear_token_stats as k
-        fwd = k.forward
-    return tuple(fwd(hidden, weight, bias, targets, alpha, ignore_index, with_entropy))
+    _, (fwd, _) = dispatch.select(BACKENDS, backend, hidden.device, hidden.dtype)
+    return tuple(fwd(hidden, weight, bias, targets, alpha, _ignore(ignore_index), with_entropy))
 
 
 @_linear_token_stats_op.register_fake
@@ -139,20 +137,14 @@ def _(hidden, weight, bias, targets, alpha, ignore_index, with_entropy, determin
 def _linear_token_stats_backward_op(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
         ent: Tensor, g_lp: Optional[Tensor], g_lse: Optional[Tensor], g_tl: Optional[Tensor],
-        g_ent: Optional[Tensor], alpha: float, ignore_index: int, need_hidden: bool,
+        g_ent: Optional[Tensor], alpha: float, ignore_index: Optional[int], need_hidden: bool,
         need_weight: bool, need_bias: bool, deterministic: bool,
         backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    name = _backend(backend, hidden.device, hidden.dtype)
-    _check_dtype_backend(hidden, name)
+    _, (_, bwd) = dispatch.select(BACKENDS, backend, hidden.device, hidden.dtype)
     cast = lambda g: None if g is None else g.to(_acc_dtype(hidden)).contiguous()  # noqa: E731
-    g_lp, g_lse, g_tl, g_ent = cast(g_lp), cast(g_lse), cast(g_tl), cast(g_ent)
-    need = (need_hidden, need_weight, need_bias)
-    if name == "torch":
-        return _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent,
-                               alpha, ignore_index, need)
-    from ..kernels import linear_token_stats as k
-    return k.backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha,
-                      ignore_index, need=need, deterministic=deterministic)
+    grads = [cast(g) for g in (g_lp, g_lse, g_tl, g_ent)]
+    return bwd(hidden, weight, bias, targets, lse, ent, *grads, alpha, _ignore(ignore_index),
+               need=(need_hidden, need_weight, need_bias), deterministic=deterministic)
 
 
 @_linear_token_stats_backward_op.register_fake
@@ -236,7 +228,7 @@ def _flat_hidden(hidden: Tensor) -> Tensor:
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                        bias: Optional[Tensor] = None, temperature: float = 1.0,
-                       ignore_index: int = -100, entropy: bool = False, backend: str = "auto",
+                       ignore_index: int = IGNORE_INDEX, entropy: bool = False, backend: str = "auto",
                        deterministic: bool = True) -> TokenStats:
     """`erm.token_stats(hidden @ weight.T + bias, targets, ...)` without the N×V logits.
 
@@ -273,21 +265,25 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     """
     _check_linear_inputs(hidden, weight, bias)
     targets = _checks.check_targets(targets, hidden.shape[:-1], hidden.device)
-    alpha = _checks.check_alpha(temperature)
-    if backend not in dispatch.NAMES:
-        raise ValueError(f"backend must be one of {dispatch.NAMES}, got {backend!r}")
+    return _linear_token_stats(
+        hidden, weight, bias, targets, _checks.check_alpha(temperature),
+        _checks.check_ignore_index(ignore_index), _checks.check_flag(entropy, "entropy"),
+        _checks.check_flag(deterministic, "deterministic"), _checks.check_backend(backend))
+
+
+def _linear_token_stats(hidden, weight, bias, targets, alpha: float, ignore_index: Optional[int],
+                        entropy: bool, deterministic: bool, backend: str) -> TokenStats:
+    """`linear_token_stats` on validated arguments (the reward function calls this directly)."""
     shape = targets.shape
     lp, lse, tl, ent = _linear_token_stats_op(_flat_hidden(hidden), weight, bias, targets.reshape(-1),
-                                              alpha, int(ignore_index), bool(entropy),
-                                              bool(deterministic), backend)
+                                              alpha, ignore_index, entropy, deterministic, backend)
     return TokenStats(lp.view(shape), lse.view(shape), tl.view(shape),
                       ent.view(shape) if entropy else None)
 
 
 def linear_endogenous_rewards(hidden: Tensor, weight: Tensor, input_ids: Tensor, *,
-                              bias: Optional[Tensor] = None, response_mask: Optional[Tensor] = None,
-                              alpha: float = 1.0, gamma: float = 1.0,
-                              terminated: Union[bool, Tensor] = True,
+                              bias: Optional[Tensor] = None, response_mask=None,
+                              alpha: float = 1.0, gamma: float = 1.0, terminated=True,
                               backend: str = "auto") -> Tensor:
     """`erm.endogenous_rewards(hidden @ weight.T + bias, input_ids, ...)` without the logits.
 
@@ -303,8 +299,7 @@ def linear_endogenous_rewards(hidden: Tensor, weight: Tensor, input_ids: Tensor,
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
     ids = _checks.check_targets(input_ids, hidden.shape[:-1], hidden.device, name="input_ids")
-    alpha = _checks.check_alpha(alpha, "alpha")
-    mask, term, nxt = _reward_setup(ids, weight.shape[0], response_mask, gamma, terminated)
-    st = linear_token_stats(hidden, weight, nxt, bias=bias, temperature=alpha,
-                            ignore_index=_IGNORE, backend=backend)
-    return _rewards_from_stats(st, mask, term, alpha, gamma)
+    alpha, gamma, mask, term = _reward_args(ids, response_mask, terminated, alpha, gamma)
+    st = _linear_token_stats(hidden, weight, bias, _shifted(ids), alpha, None, False, True,
+                             _checks.check_backend(backend))
+    return _rewards(st, mask, term, alpha, gamma)

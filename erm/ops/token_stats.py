@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, dispatch
+from ..constants import IGNORE_INDEX
 from . import torch_impl
 
 
@@ -69,16 +70,22 @@ def _torch_backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, 
     return g.view(logits.shape)
 
 
-def _impl(name):
-    if name == "torch":
-        return _torch_forward, _torch_backward
-    if name == "triton":
-        from ..kernels import token_stats as k
-        return k.forward, k.backward
-    if name == "cuda":
-        from . import cuda_impl
-        return cuda_impl.forward, cuda_impl.backward
-    raise AssertionError(name)
+def _torch():
+    return _torch_forward, _torch_backward
+
+
+def _triton():
+    from ..kernels import token_stats as k
+    return k.forward, k.backward
+
+
+def _cuda():
+    from . import cuda_impl
+    return cuda_impl.forward, cuda_impl.backward
+
+
+# The backends of this op: name -> () -> (forward, backward); `dispatch.select` picks one.
+BACKENDS = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 
 
 def _measure_key(logits, with_entropy):
@@ -88,25 +95,22 @@ def _measure_key(logits, with_entropy):
             1 << (rows - 1).bit_length(), bool(with_entropy))
 
 
-def _compute_dtype_ok(logits, name):
-    if logits.dtype == torch.float64 and name != "torch":
-        raise TypeError("float64 logits are supported by the torch backend only")
+def _ignore(ignore_index: Optional[int]) -> int:
+    """The ignore value the kernels compare with: None (no ignored rows, every target was checked
+    to lie in [0, V)) becomes -1, which no target equals."""
+    return -1 if ignore_index is None else ignore_index
 
 
 @torch.library.custom_op("erm::token_stats", mutates_args=())
-def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: int,
+def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: Optional[int],
                     with_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the one range check of the ids (a device sync), inside the op so torch.compile traces it
     _checks.check_target_range(targets, logits.shape[-1], ignore_index)
-
-    def runners(names):
-        return {n: (lambda n=n: _impl(n)[0](logits, targets, alpha, ignore_index, with_entropy))
-                for n in names}
-
-    name = dispatch.choose(backend, logits.device, logits.dtype, _measure_key(logits, with_entropy),
-                           runners)
-    _compute_dtype_ok(logits, name)
-    fwd, _ = _impl(name)
-    return tuple(fwd(logits, targets, alpha, ignore_index, with_entropy))
+    ii = _ignore(ignore_index)
+    _, (fwd, _) = dispatch.select(
+        BACKENDS, backend, logits.device, logits.dtype, key=_measure_key(logits, with_entropy),
+        measure=lambda pair: lambda: pair[0](logits, targets, alpha, ii, with_entropy))
+    return tuple(fwd(logits, targets, alpha, ii, with_entropy))
 
 
 @_token_stats_op.register_fake
@@ -121,19 +125,16 @@ def _(logits, targets, alpha, ignore_index, with_entropy, backend):
 def _token_stats_backward_op(logits: Tensor, targets: Tensor, lse: Tensor, ent: Tensor,
                              g_lp: Optional[Tensor], g_lse: Optional[Tensor],
                              g_tl: Optional[Tensor], g_ent: Optional[Tensor], alpha: float,
-                             ignore_index: int, backend: str) -> Tensor:
+                             ignore_index: Optional[int], backend: str) -> Tensor:
     cast = lambda g: None if g is None else g.to(_out_dtype(logits)).contiguous()  # noqa: E731
     grads = [cast(g) for g in (g_lp, g_lse, g_tl, g_ent)]
-
-    def runners(names):  # the backward is timed on its own: it may favour the other backend
-        return {n: (lambda n=n: _impl(n)[1](logits, targets, lse, ent, *grads, alpha,
-                                            ignore_index)) for n in names}
-
+    ii = _ignore(ignore_index)
+    # the backward is timed on its own key: it may favour the other backend
     key = ("backward",) + _measure_key(logits, ent.numel() > 0) + tuple(g is not None for g in grads)
-    name = dispatch.choose(backend, logits.device, logits.dtype, key, runners)
-    _compute_dtype_ok(logits, name)
-    _, bwd = _impl(name)
-    return bwd(logits, targets, lse, ent, *grads, alpha, ignore_index)
+    _, (_, bwd) = dispatch.select(
+        BACKENDS, backend, logits.device, logits.dtype, key=key,
+        measure=lambda pair: lambda: pair[1](logits, targets, lse, ent, *grads, alpha, ii))
+    return bwd(logits, targets, lse, ent, *grads, alpha, ii)
 
 
 @_token_stats_backward_op.register_fake
@@ -162,8 +163,15 @@ def _backward(ctx, g_lp, g_lse, g_tl, g_ent):
 _token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _token_stats(logits: Tensor, targets: Tensor, alpha: float, ignore_index: Optional[int],
+                 entropy: bool, backend: str) -> TokenStats:
+    """`token_stats` on validated arguments (the reward functions call this directly)."""
+    lp, lse, tl, ent = _token_stats_op(logits, targets, alpha, ignore_index, entropy, backend)
+    return TokenStats(lp, lse, tl, ent if entropy else None)
+
+
 def token_stats(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                ignore_index: int = -100, entropy: bool = False,
+                ignore_index: int = IGNORE_INDEX, entropy: bool = False,
                 backend: str = "auto") -> TokenStats:
     """Log-prob, logsumexp, target logit and (optionally) entropy per token, from logits.
 
@@ -190,15 +198,12 @@ def token_stats(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
     _checks.check_logits(logits)
     targets = _checks.check_targets(targets, logits.shape[:-1], logits.device)
     alpha = _checks.check_alpha(temperature)
-    if backend not in dispatch.NAMES:
-        raise ValueError(f"backend must be one of {dispatch.NAMES}, got {backend!r}")
-    lp, lse, tl, ent = _token_stats_op(logits, targets, alpha, int(ignore_index), bool(entropy),
-                                       backend)
-    return TokenStats(lp, lse, tl, ent if entropy else None)
+    return _token_stats(logits, targets, alpha, _checks.check_ignore_index(ignore_index),
+                        _checks.check_flag(entropy, "entropy"), _checks.check_backend(backend))
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, backend: str = "auto") -> Tensor:
+                   ignore_index: int = IGNORE_INDEX, backend: str = "auto") -> Tensor:
     """log softmax(logits/α)[targets] per token: (...) float32, 0 at ignore_index.
 
     A drop-in for TRL's `selective_log_softmax(logits, index)` and for
