@@ -289,17 +289,17 @@ def load_pairs(path_or_list) -> List[Pair]:
     return pairs
 
 
-def _json_lines(path) -> List[tuple]:
-    """(1-based line number, parsed JSON value) of every non-blank line of a JSONL file."""
-    source, items = str(path), []
+def _json_lines(path):
+    """Yield (1-based line number, parsed JSON value) for every non-blank line of a JSONL file,
+    in order (so the first bad line, whatever is wrong with it, is the one reported)."""
+    source = str(path)
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
         try:
-            items.append((lineno, json.loads(line)))
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
-    return items
 
 
 def _check_record(rec, field) -> None:
@@ -335,13 +335,13 @@ def load_records(path, *, field: Optional[str] = None, with_lines: bool = False)
         DataError: a malformed line or a record that already has `field` (naming the file and
             line), another compression format, or an empty file.
     """
-    source = str(path)
-    items = _json_lines(path)
-    for lineno, rec in items:
+    source, items = str(path), []
+    for lineno, rec in _json_lines(path):
         try:
             _check_record(rec, field)
         except ValueError as exc:
             raise DataError(f"{source}: line {lineno}: {exc}") from None
+        items.append((lineno, rec))
     if not items:
         raise DataError(f"{source}: no records found")
     return items if with_lines else [rec for _, rec in items]

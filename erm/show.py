@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .judge import render_conversation
+from .lm import render_text as render_conversation
 
 #: ColorBrewer RdBu (5 classes), from the most negative to the most positive.
 _ANCHORS = ((0.792, 0.000, 0.125), (0.957, 0.647, 0.510), (0.969, 0.969, 0.969),
