@@ -422,3 +422,61 @@ def test_fused_path_matches_logits_path(tiny, side, monkeypatch):
     b = rm.token_rewards(Q, RESPONSES[1])
     for x, y in ((a.rewards, b.rewards), (a.logprobs, b.logprobs), (a.values, b.values)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- what a probe found
+THINK_TEMPLATE = (  # writes an empty reasoning block before the assistant content, as Qwen3's does
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("response", ["hi", "im", "think", "n"])
+def test_response_located_where_the_template_puts_it(tiny, response):
+    """The response is the assistant content, not the first match of its text in the rendering
+    ("hi" is inside "<think>", "im" inside "<|im_end|>")."""
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = THINK_TEMPLATE
+    enc = EndoRM(model, tok).encode(Q, response)
+    assert tok.decode(enc.ids[-enc.n_resp:]) == response + "<|im_end|>"
+    assert tok.decode(enc.ids[:-enc.n_resp]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_max_length_capped_by_the_model_context(tiny):
+    model, tok = tiny
+    assert EndoRM(model, tok, max_length=10**6).max_length == model.config.max_position_embeddings
+    assert EndoRM(model, tok, max_length=64).max_length == 64
+
+
+@pytest.mark.parametrize("prompts,responses,exc,match", [
+    (None, ["a"], TypeError, "prompts must be"),
+    (Q, None, TypeError, "responses must be"),
+    ([[{"role": "user", "content": 3}]], ["a"], TypeError, "message 0.*strings"),
+    ([[{"role": "user"}]], ["a"], ValueError, "message 0 must have"),
+    ([[]], ["a"], ValueError, "at least one message"),
+    ([Q], [b"bytes"], TypeError, "index 0"),
+])
+def test_bad_prompts_and_responses_get_clear_errors(tiny, prompts, responses, exc, match):
+    model, tok = tiny
+    with pytest.raises(exc, match=match):
+        EndoRM(model, tok).score(prompts, responses)
+
+
+def test_terminated_per_pair_as_list_array_or_tensor(tiny):
+    import numpy as np
+
+    model, tok = tiny
+    rm = EndoRM(model, tok)
+    want = rm.score([Q, Q], ["Paris.", "Berlin."], terminated=[True, False])
+    for term in ((True, False), np.array([True, False]), torch.tensor([True, False])):
+        torch.testing.assert_close(rm.score([Q, Q], ["Paris.", "Berlin."], terminated=term), want)
+    assert not torch.allclose(want, rm.score([Q, Q], ["Paris.", "Berlin."]))
+    with pytest.raises(TypeError, match="terminated"):
+        rm.score([Q, Q], ["a", "b"], terminated=["yes", "no"])
+    with pytest.raises(ValueError, match="gamma"):
+        EndoRM(model, tok, gamma=float("nan"))
