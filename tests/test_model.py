@@ -9,6 +9,7 @@ import torch
 import erm
 from erm import EndoRM, SentenceReward, TokenRewards, lm
 from erm.lm import TruncationWarning
+from tests.reference import endogenous_ref, token_stats_ref
 from tests.tiny import tiny_model_and_tokenizer
 
 ARCHS = ["llama", "qwen2"]
@@ -36,18 +37,17 @@ def tiny64(request):
 
 
 def ref_rewards(model64, ids, n_resp, alpha=1.0, gamma=1.0):
-    """Per-token rewards of the last n_resp tokens of `ids`, in float64, by hand."""
+    """(rewards of the last n_resp tokens of `ids`, log π(response), V(s_1)) in float64, from
+    the float64 model's logits and the references of tests/reference.py (terminated)."""
     with torch.no_grad():
-        z = model64(input_ids=torch.tensor([ids])).logits[0].double()  # (L, V)
+        z = model64(input_ids=torch.tensor([ids])).logits.double()  # (1, L, V)
     L = len(ids)
-    out = []
-    for t in range(L - n_resp, L):
-        q = z[t - 1, ids[t]]
-        nv = 0.0 if t == L - 1 else alpha * torch.logsumexp(z[t] / alpha, 0)
-        out.append(q - gamma * nv)
-    v1 = alpha * torch.logsumexp(z[L - n_resp - 1] / alpha, 0)
-    logp = sum(torch.log_softmax(z[t - 1] / alpha, 0)[ids[t]] for t in range(L - n_resp, L))
-    return torch.stack(out), logp, v1
+    mask = torch.zeros(1, L, dtype=torch.bool)
+    mask[0, L - n_resp:] = True
+    r = endogenous_ref(z, torch.tensor([ids]), mask, alpha, gamma, terminated=True)[0, L - n_resp:]
+    lp, lse, _, _ = token_stats_ref(z[0, L - n_resp - 1:L - 1], torch.tensor(ids[L - n_resp:]),
+                                    alpha)
+    return r, lp.sum(), alpha * lse[0]
 
 
 def chat_ids(tok, prompt, response, system=None):
