@@ -117,7 +117,7 @@ def report(header: str, rows, meta, *, json_path=None, plot_path=None, title="",
 
 
 def plot_ratios(rows, meta, path, title, targets=(None, None)):
-    """Bar chart of each op's time over its floor (forward; forward+backward), with the issue's
+    """Bar chart of each op's time over its floor (forward; forward+backward), with the
     targets as dashed lines, saved as a PNG at `path`."""
     import matplotlib
 

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Everything a GPU session needs to check and measure, in device calls of under 10 minutes each:
+# The GPU check-and-measure run: build the CUDA extension for this GPU, run the GPU tests and
+# compute-sanitizer on small shapes, and run the three benches.
 #
-#   run(command="bash benches/gpu_session.sh check", carry=[".whl"])        # build, GPU tests, sanitizer
-#   run(command="bash benches/gpu_session.sh token_stats rl", carry=[".whl"])  # issue 2/3 and 6 benches
-#   run(command="bash benches/gpu_session.sh linear", carry=[".whl"])       # issue 4 bench
+#   bash benches/gpu_session.sh OUT_DIR [PARTS...]
 #
-# Parts: check, token_stats, linear, rl; `bench` = the three benches, `all` = everything (for a
-# machine without the 10-minute limit). Every step has its own time limit
-# so that one slow step cannot eat the others. Logs, JSON and PNGs are written to $LOGS and packed
-# into one archive in $OUT (the device tool brings back at most 8 files). The CUDA extension is
-# built for this GPU's architecture only; a second call on the still-warm machine rebuilds nothing.
-# Optional peers (liger-kernel, cut-cross-entropy) travel as wheels in .whl/ (see the device
-# tool's README); they are installed into /tmp/site when present, else those rows are missing.
+# PARTS: check (build, GPU tests, sanitizer), token_stats, linear, rl; `bench` = the three
+# benches; `all` (the default) = everything. Each part takes under 10 minutes on an H100, and
+# every step has its own time limit so that one slow step cannot eat the others. Logs, JSON and
+# PNGs go to OUT_DIR/<parts>/ and are also packed into OUT_DIR/gpu_session_<parts>.tgz. The CUDA
+# extension is built for this GPU's architecture only (ERM_GPU_ARCH overrides it); a second run
+# on the same machine rebuilds nothing. Optional peers (liger-kernel, cut-cross-entropy,
+# quack-kernels) are installed from wheels in .whl/ into /tmp/site when present; without them
+# their rows are missing from the bench tables.
 set -uo pipefail
+if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
+  echo "usage: bash benches/gpu_session.sh OUT_DIR [check|token_stats|linear|rl|bench|all ...]" >&2
+  exit 2
+fi
+OUT=$1; shift
 parts=" ${*:-all} "
 has() { [[ "$parts" == *" $1 "* || "$parts" == *" all "* ]] || { [[ "$parts" == *" bench "* ]] && [ "$1" != check ]; }; }
 part=$(echo ${*:-all} | tr ' ' '_')
-OUT=${OUT:-/tmp/erm-out}; mkdir -p "$OUT"
-LOGS=/tmp/erm-gpu-$part; rm -rf "$LOGS"; mkdir -p "$LOGS"
-trap 'tar czf "$OUT/gpu_session_$part.tgz" -C "$LOGS" . && echo "results: $OUT/gpu_session_$part.tgz"' EXIT
+LOGS=$OUT/$part; rm -rf "$LOGS"; mkdir -p "$LOGS"
+trap 'tar czf "$OUT/gpu_session_$part.tgz" -C "$LOGS" . && echo "results: $LOGS and $OUT/gpu_session_$part.tgz"' EXIT
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
