@@ -1,6 +1,6 @@
 """The `erm` command line (also `python -m erm`).
 
-    erm score --data in.jsonl[.gz] --out out.jsonl [--field reward] [--model PATH] [--reduction sum|mean]
+    erm score --data in.jsonl[.gz] --out out.jsonl [--field reward] [--reduction sum|mean]
     erm eval  [--data pairs.jsonl[.gz]] [--out report.json] [--plot report.png] [--limit N]
     erm show  --prompt "..." --response "..." --out tokens.html|tokens.png
     erm rl    [--steps 10 ...]                     (erm/rl.py)

@@ -1,0 +1,127 @@
+"""`erm show` PNG layout: mixed English / Chinese / Japanese text on the cell grid, no text
+overlapping other text or leaving the figure, CJK glyphs from an installed CJK font when there is
+one (else one replacement glyph, never a missing-glyph box), and the wrapping helpers."""
+import itertools
+import re
+import types
+import warnings
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from matplotlib import font_manager as fm  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+from erm import show  # noqa: E402
+
+PROMPT = "请用中文和日本語回答: What is the capital of France? フランスの首都はどこですか？"
+RESPONSE = ("The capital of France is Paris. 法国的首都是巴黎，这是一个众所周知的事实。"
+            "フランスの首都はパリです。Berlin is in Germany; 柏林在德国。😀 Ünïcödé, e\u0301 too.\n"
+            "A long English sentence follows to check wrapping across the whole width.")
+CJK = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff\uff00-\uffef]")
+
+
+def _fake(response):
+    """TokenRewards / SentenceReward stand-ins: one token per word or CJK character."""
+    spans = [m.span() for m in re.finditer(r"\s*[A-Za-z\u00c0-\u024f\u0301]+|\s*\S", response)]
+    n = len(spans) + 1
+    tr = types.SimpleNamespace(
+        tokens=[response[a:b] for a, b in spans] + ["<|im_end|>"],
+        offsets=spans + [(len(response), len(response))],
+        rewards=[((i * 7) % 11 - 5) / 2 for i in range(n)], logprobs=[-1.0] * n,
+        values=[0.0] * n)
+    sents = [types.SimpleNamespace(text=s, reward=-1.5 * k, n_tokens=3 + k)
+             for k, s in enumerate(re.split(r"(?<=[.。])\s*", response)) if s]
+    return tr, sents
+
+
+def _texts(fig):
+    """(text, window extent) of every visible, non-empty Text of the drawn figure."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.canvas.draw()
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    renderer = fig.canvas.get_renderer()
+    out = [(t, t.get_window_extent(renderer)) for t in fig.findobj(Text)
+           if t.get_visible() and t.get_text().strip()]
+    return out, missing
+
+
+@pytest.fixture
+def figure():
+    figs = []
+
+    def make(**kw):
+        tr, sents = _fake(RESPONSE)
+        fig = show.render_figure(PROMPT, RESPONSE, tr, sents, model_name="tiny/模型", **kw)
+        figs.append(fig)
+        return fig
+
+    yield make
+    import matplotlib.pyplot as plt
+    for f in figs:
+        plt.close(f)
+
+
+@pytest.mark.parametrize("width", [88, 40])
+def test_no_overlap_and_inside_the_figure(figure, width):
+    fig = figure(width=width)
+    texts, missing = _texts(fig)
+    assert not missing, missing  # every glyph drawn comes from a font that has it
+    w, h = fig.bbox.width, fig.bbox.height
+    assert len(texts) > 50
+    for t, bb in texts:
+        assert bb.x0 >= -0.5 and bb.y0 >= -0.5 and bb.x1 <= w + 0.5 and bb.y1 <= h + 0.5, \
+            (t.get_text(), bb, w, h)
+    for (t1, a), (t2, b) in itertools.combinations(texts, 2):
+        overlap_x = min(a.x1, b.x1) - max(a.x0, b.x0)
+        overlap_y = min(a.y1, b.y1) - max(a.y0, b.y0)
+        assert overlap_x <= 1.0 or overlap_y <= 1.0, (t1.get_text(), t2.get_text(), a, b)
+
+
+def test_cjk_glyphs_use_a_cjk_font(figure):
+    if not show.cjk_fonts():
+        pytest.skip("no font with CJK glyphs is installed")
+    texts, _ = _texts(figure())
+    drawn = 0
+    for t, _ in texts:
+        for ch in CJK.findall(t.get_text()):
+            path = fm.findfont(t.get_fontproperties())
+            assert ord(ch) in show._charmap(path), (ch, path)
+            drawn += 1
+    assert drawn >= 10
+
+
+def test_without_cjk_font_characters_are_replaced(figure, monkeypatch):
+    monkeypatch.setattr(show, "cjk_fonts", lambda: ())
+    texts, missing = _texts(figure())
+    assert not missing, missing
+    joined = "".join(t.get_text() for t, _ in texts)
+    assert not CJK.search(joined)
+    for t, _ in texts:  # what is drawn, each font has (the emoji: DejaVu Sans, or replaced)
+        path = fm.findfont(t.get_fontproperties())
+        assert all(ord(c) in show._charmap(path) for c in t.get_text() if not c.isspace()), \
+            (t.get_text(), path)
+    assert joined.count(show.REPLACEMENT) >= 20
+    assert "Berlin" in joined and "Ünïcödé" in joined
+
+
+def test_cells_and_wrapping():
+    assert show.text_cells("ab中文。😀e\u0301") == 2 + 4 + 2 + 2 + 1
+    for width, indent in ((10, 2), (17, 0), (3, 1)):
+        lines = show._wrap_cells(PROMPT + " " + RESPONSE, width, indent)
+        assert all(show.text_cells(x) <= width for x in lines), (width, lines)
+        assert "".join(lines).replace(" ", "").replace("\n", "") == \
+            (PROMPT + RESPONSE).replace(" ", "").replace("\n", "")
+    tr, _ = _fake(RESPONSE)
+    placed, n = show._wrap_segments(show.segments(RESPONSE, tr.offsets, tr.tokens), 20)
+    rows = {}
+    for line, col, text, j, special in placed:
+        assert col + show.text_cells(text) <= 20
+        assert rows.get(line, 0) <= col  # pieces of a line do not overlap
+        rows[line] = col + show.text_cells(text)
+    assert n == max(rows) + 1
+    runs = show.glyph_runs("ab中c", show._font_chain())
+    assert [(c, n) for c, _, _, n in runs][:1] == [(0, 2)] and runs[-1][0] == 4
