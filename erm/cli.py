@@ -229,24 +229,29 @@ def _is_truncation(message, cls) -> bool:
 
 def _check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
     """Before scoring: `rm.check_pair` (when the model has it) on every (where, prompt, response)
-    item, its error prefixed with the item's file and line."""
+    item, its error prefixed with the item's file and line; with `no_truncate`, a pair whose
+    prompt would be cut (a truncation warning) is an error too."""
     check = getattr(rm, "check_pair", None)
     if not callable(check):
         return
-    kwargs = {"system_prompt": system_prompt}
-    if no_truncate and _accepts(check, "truncate"):
-        kwargs["truncate"] = False
     cls = _truncation_class()
     with warnings.catch_warnings(record=True) as caught:  # scoring reports truncation once
         warnings.simplefilter("always")
         for where, prompt, response in items:
+            n = len(caught)
             try:
-                check(prompt, response, **kwargs)
+                check(prompt, response, system_prompt=system_prompt)
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"{where}: {exc}") from None
+            if no_truncate and any(_is_truncation(w.message, cls) for w in caught[n:]):
+                raise CLIError(f"{where}: {_NO_FIT}")
     for w in caught:
         if not _is_truncation(w.message, cls):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+_NO_FIT = ("the prompt does not fit in max_length with its response (--no-truncate); raise "
+           "--max-length or shorten the prompt")
 
 
 def _run_scoring(fn, wheres: List[str], source: str):
@@ -280,8 +285,7 @@ def _truncation_note(args, wheres: List[str], truncated: List[int], what="prompt
     rows = list(dict.fromkeys(wheres[i] for i in truncated if 0 <= i < len(wheres)))
     if getattr(args, "no_truncate", False):
         more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
-        raise CLIError(f"{'; '.join(rows[:3])}{more}: the prompt does not fit in max_length "
-                       "(--no-truncate); raise --max-length or shorten it")
+        raise CLIError(f"{'; '.join(rows[:3])}{more}: {_NO_FIT}")
     if getattr(args, "verbose", False):
         for w in rows:
             _warn(f"{w}: {what} truncated from the left to fit max_length")

@@ -433,7 +433,7 @@ def test_truncation_reported_per_line(tmp_path, capsys):
     # --no-truncate: an error naming the line, before scoring
     rm = StandIn(ctx=50)
     rc, _, err = _run(argv + ["--no-truncate"], capsys, rm=rm)
-    assert rc == 2 and f"{src}: line 3: 1 prompt(s) do not fit" in err and rm.calls == [], err
+    assert rc == 2 and f"{src}: line 3: the prompt does not fit" in err and rm.calls == [], err
     rc, _, err = _run(argv + ["--no-truncate"], capsys, rm=StandIn(ctx=50, checks=False))
     assert rc == 2 and f"{src}: 2 prompt(s) do not fit" in err, err
 
@@ -449,7 +449,7 @@ def test_eval_truncation_per_pair(tmp_path, capsys):
     assert f"warning: {pairs}: line 2: pair prompt truncated" in err and "line 1" not in err
     assert "1 pair prompt(s) truncated" in out
     rc, _, err = _run(argv[1:] + ["--no-truncate"], capsys, rm=StandIn(ctx=50))
-    assert rc == 2 and f"{pairs}: line 2: 1 prompt(s) do not fit" in err, err
+    assert rc == 2 and f"{pairs}: line 2: the prompt does not fit" in err, err
 
 
 @pytest.mark.skipif(not hasattr(erm.EndoRM, "check_pair"), reason="EndoRM has no check_pair")
