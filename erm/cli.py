@@ -16,7 +16,6 @@ Outputs are written to a temporary file beside the target and renamed over it wh
 """
 import argparse
 import contextlib
-import importlib
 import inspect
 import json
 import os
@@ -39,14 +38,6 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-def _dtype(name):
-    if name is None:
-        return None
-    import torch
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
-
-
 def _load_rm(args, rm=None):
     """The reward model: `rm` when given (tests, embedding), else EndoRM.from_pretrained."""
     if rm is not None:
@@ -59,7 +50,7 @@ def _load_rm(args, rm=None):
     from .model import EndoRM
     kwargs = {"system_prompt": getattr(args, "system_prompt", None),
               "device": getattr(args, "device", None),
-              "dtype": _dtype(getattr(args, "dtype", None))}
+              "dtype": getattr(args, "dtype", None)}
     if getattr(args, "batch_size", None):
         kwargs["batch_size"] = args.batch_size
     if getattr(args, "max_length", None):
@@ -213,18 +204,11 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _truncation_class():
-    """erm.lm.TruncationWarning when it exists (None otherwise)."""
-    try:
-        return getattr(importlib.import_module("erm.lm"), "TruncationWarning", None)
-    except ImportError:
-        return None
-
-
-def _is_truncation(message, cls) -> bool:
-    if cls is not None and isinstance(message, cls):
-        return True
-    return isinstance(message, UserWarning) and hasattr(message, "indices")
+def _is_truncation(message) -> bool:
+    """An `erm.lm.TruncationWarning`, or a stand-in's UserWarning with `indices`."""
+    from .lm import TruncationWarning
+    return isinstance(message, TruncationWarning) or (isinstance(message, UserWarning)
+                                                      and hasattr(message, "indices"))
 
 
 def _check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
@@ -234,7 +218,6 @@ def _check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
     check = getattr(rm, "check_pair", None)
     if not callable(check):
         return
-    cls = _truncation_class()
     with warnings.catch_warnings(record=True) as caught:  # scoring reports truncation once
         warnings.simplefilter("always")
         for where, prompt, response in items:
@@ -243,10 +226,10 @@ def _check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
                 check(prompt, response, system_prompt=system_prompt)
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"{where}: {exc}") from None
-            if no_truncate and any(_is_truncation(w.message, cls) for w in caught[n:]):
+            if no_truncate and any(_is_truncation(w.message) for w in caught[n:]):
                 raise CLIError(f"{where}: {_NO_FIT}")
     for w in caught:
-        if not _is_truncation(w.message, cls):
+        if not _is_truncation(w.message):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
@@ -260,7 +243,6 @@ def _run_scoring(fn, wheres: List[str], source: str):
     A truncation warning (`erm.lm.TruncationWarning`, or any UserWarning with `indices`) is
     collected; other warnings are shown as usual. A ValueError becomes a CLIError naming the
     lines of the pairs it carries in `indices`, else the data file."""
-    cls = _truncation_class()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -270,7 +252,7 @@ def _run_scoring(fn, wheres: List[str], source: str):
             raise CLIError(f"{wheres[idx[0]] if idx else source}: {exc}") from None
     truncated = set()
     for w in caught:
-        if _is_truncation(w.message, cls):
+        if _is_truncation(w.message):
             truncated.update(int(i) for i in w.message.indices)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
@@ -370,7 +352,7 @@ def _evaluate(args, rm, pairs, methods):
                      system_prompt=args.system_prompt, no_truncate=args.no_truncate)
     kwargs = {"methods": methods, "progress": not args.quiet,
               "system_prompt": args.system_prompt}
-    if args.no_truncate and _accepts(evaluate, "truncate"):
+    if args.no_truncate:
         kwargs["truncate"] = False
     n = len(pairs)
     wheres = [p.where or f"pair {i + 1}" for p in pairs]

@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from . import lm
+
 
 Messages = List[Dict[str, str]]
 Prompt = Union[str, Messages]
@@ -72,13 +74,10 @@ def _messages(value, what: str) -> Messages:
     """Validate a chat message list and return a clean copy (role/content only)."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{what} must be a non-empty list of messages")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise ValueError(f"{what}[{j}] must be an object with string 'role' and 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    try:
+        return lm.messages(value)
+    except (TypeError, ValueError) as exc:  # data errors are ValueErrors naming the field
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _prompt(value, what: str = "'prompt'") -> Prompt:

@@ -79,7 +79,7 @@ def test_load_hh_rlhf(tmp_path):
     ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "'prompt' must be a string"),
     ('{"prompt": "p", "chosen": "  ", "rejected": "b"}', "'chosen' response is empty"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b", "subset": 5}', "'subset'"),
-    ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "'prompt'[0]"),
+    ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "'prompt': message 0"),
     ('{"chosen": [{"role": "user", "content": "q"}], '
      '"rejected": [{"role": "user", "content": "q"}]}', "must end with an assistant message"),
     ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: x", '
