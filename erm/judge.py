@@ -13,6 +13,7 @@ tokens (teacher-forced). Only the last positions are read, through `erm.lm.windo
 LM-head op for plain heads, `logits_to_keep` logits otherwise) — never a softmax over the
 vocabulary at every position. Sequences are batched with left padding.
 """
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -98,7 +99,8 @@ def judge_scores(rm, prompts, responses, *, batch_size: Optional[int] = None,
         system_prompt: an optional system message for the judge (default: none; the chat
             template may insert its own).
         max_length: longer judge inputs keep their last `max_length` tokens (the question and the
-            generation prompt are at the end). Default `rm.max_length`, else no limit.
+            generation prompt are at the end), with one `erm.lm.TruncationWarning` per call.
+            Default `rm.max_length`, else no limit.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -117,6 +119,11 @@ def judge_scores(rm, prompts, responses, *, batch_size: Optional[int] = None,
     device = next(model.parameters()).device
     queries = _queries(tok, prompts, responses, system_prompt)
     if max_length:
+        cut = sorted({i for ids, outs in queries if len(ids) > max_length for i, _, _ in outs})
+        if cut:
+            warnings.warn(lm.TruncationWarning(
+                f"{len(cut)} judge input(s) cut from the left to fit max_length={max_length} "
+                f"(first: pair {cut[0]})", cut), stacklevel=3)
         queries = [(ids[-max_length:], outs) for ids, outs in queries]
     pad_token = lm.pad_id(tok, getattr(rm, "end_ids", ()))
     out = torch.zeros(len(responses), dtype=torch.float32)

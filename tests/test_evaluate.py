@@ -236,3 +236,14 @@ def test_answer_ids_follow_the_generation_prompt(tiny):
             assert ids + got == full
         else:  # merged across the boundary: the answer alone
             assert got == tok("Yes", add_special_tokens=False)["input_ids"]
+
+
+def test_judge_warns_when_it_cuts_an_input():
+    from erm import EndoRM
+    from erm.lm import TruncationWarning
+
+    model, tok = tiny_model_and_tokenizer("llama", seed=1)
+    rm = EndoRM(model, tok)
+    with pytest.warns(TruncationWarning, match="1 judge input") as rec:
+        judge_scores(rm, ["Hi", "x " * 300], ["Hello.", "Yes."], max_length=200)
+    assert [w.message.indices for w in rec] == [[1]]
