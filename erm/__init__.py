@@ -7,10 +7,11 @@
 from .dispatch import backends
 from .ops import TokenStats, endogenous_rewards, soft_values, token_logprobs, token_stats
 from .ops import linear_endogenous_rewards, linear_token_stats, rewards_from_stats
+from .ops import entropy
 from .model import EndoRM, SentenceReward, TokenRewards
 
 __version__ = "0.1.0"
 __all__ = ["EndoRM", "TokenRewards", "SentenceReward",
            "TokenStats", "token_stats", "token_logprobs", "soft_values", "endogenous_rewards",
-           "linear_token_stats", "linear_endogenous_rewards", "rewards_from_stats",
+           "linear_token_stats", "linear_endogenous_rewards", "rewards_from_stats", "entropy",
            "backends", "__version__"]

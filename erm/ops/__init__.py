@@ -2,6 +2,7 @@
 from .endogenous import endogenous_rewards, next_token_targets, rewards_from_stats, soft_values
 from .token_stats import TokenStats, token_logprobs, token_stats
 from .linear_token_stats import linear_endogenous_rewards, linear_token_stats
+from .entropy import entropy
 
 __all__ = ["TokenStats", "token_stats", "token_logprobs", "soft_values", "endogenous_rewards",
            "linear_token_stats", "linear_endogenous_rewards", "rewards_from_stats", "next_token_targets"]
