@@ -9,9 +9,12 @@ from .ops import TokenStats, endogenous_rewards, soft_values, token_logprobs, to
 from .ops import linear_endogenous_rewards, linear_token_stats, rewards_from_stats
 from .ops import entropy
 from .model import EndoRM, SentenceReward, TokenRewards
+from .sentence_rm import SentenceRM, SentenceScore
+from .train_srm import train_sentence_rm
 
 __version__ = "0.1.0"
-__all__ = ["EndoRM", "TokenRewards", "SentenceReward",
+__all__ = ["EndoRM", "TokenRewards", "SentenceReward", "SentenceRM", "SentenceScore",
+           "train_sentence_rm",
            "TokenStats", "token_stats", "token_logprobs", "soft_values", "endogenous_rewards",
            "linear_token_stats", "linear_endogenous_rewards", "rewards_from_stats", "entropy",
            "backends", "__version__"]

@@ -11,6 +11,8 @@ Methods, all run on the same model (`rm.model`):
 - ``judge``       — a generative verifier: log p("Yes") − log p("No") when the model is asked
   whether the response is correct, helpful and harmless (`erm.judge`).
 - ``length``      — the longer response (in characters) wins; a trivial baseline.
+- ``srm``         — a trained sentence-level reward model (`erm.SentenceRM`, `evaluate(...,
+  srm=...)`), on its own backbone.
 
 A pair counts 1 when chosen scores above rejected, 0.5 on a tie and 0 otherwise (a NaN score
 counts 0). The data formats `load_pairs` reads are described in its docstring; the built-in sample
@@ -41,6 +43,7 @@ METHODS = {
     "endorm_mean": "EndoRM (mean)",
     "judge": "Judge (Yes/No)",
     "length": "Length",
+    "srm": "SentenceRM",
 }
 DEFAULT_METHODS = ("endorm_sum", "endorm_mean", "judge", "length")
 DEFAULT_SUBSET = "default"
@@ -377,11 +380,15 @@ def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progre
         return [float(x) for x in out.tolist()]
     if method == "length":
         return [float(len(r)) for r in responses]
+    if method == "srm":
+        out = cache["srm_model"].score(prompts, responses, system_prompt=system_prompt,
+                                       progress=progress)
+        return [float(x) for x in out.tolist()]
     raise AssertionError(method)
 
 
 def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: bool = True,
-             system_prompt=None, batch_size=None) -> dict:
+             system_prompt=None, batch_size=None, srm=None) -> dict:
     """Preference accuracy of several scoring methods, side by side on the same model.
 
     Args:
@@ -391,6 +398,7 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
         progress: show tqdm progress bars.
         system_prompt: passed to `rm.score` (None: the model's own).
         batch_size: batch size of the judge (default `rm.batch_size`, else 8).
+        srm: the `erm.SentenceRM` that method "srm" scores with (default: `rm` when it is one).
 
     Returns:
         A JSON-serialisable dict::
@@ -429,6 +437,11 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
     per_pair = [{"index": i, "subset": p.subset, "prompt": p.prompt, "chosen": p.chosen,
                  "rejected": p.rejected, "scores": {}, "outcome": {}} for i, p in enumerate(pairs)]
     cache = {}
+    if "srm" in methods:
+        from .sentence_rm import SentenceRM
+        cache["srm_model"] = srm if srm is not None else rm
+        if not isinstance(cache["srm_model"], SentenceRM):
+            raise ValueError("method 'srm' needs a SentenceRM (evaluate(..., srm=...))")
     for m in methods:
         t0 = time.perf_counter()
         scores = _method_scores(rm, m, prompts, responses, system_prompt=system_prompt,
