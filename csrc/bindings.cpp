@@ -88,7 +88,7 @@ const float* opt_rows(const std::optional<Tensor>& t, const Tensor& logits, int6
   return t->data_ptr<float>();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
                                                            const Tensor& targets, double alpha,
                                                            int64_t ignore_index, bool with_entropy,
                                                            int64_t inner_rows,
@@ -103,6 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
   Tensor lse = at::empty({n}, opts);
   Tensor tl = at::empty({n}, opts);
   Tensor ent = at::empty({with_entropy ? n : 0}, opts);
+  Tensor state = at::empty({n, 2}, opts);
 
   const int device = logits.get_device();
   const erm::FwdPlan plan = erm::plan_forward(n, rows.v, rows.dtype, device);
@@ -116,13 +117,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
   a.lse = lse.data_ptr<float>();
   a.target_logit = tl.data_ptr<float>();
   a.entropy = with_entropy ? ent.data_ptr<float>() : nullptr;
+  a.state = state.data_ptr<float>();
   a.workspace = plan.splits > 1 ? ws.data_ptr<float>() : nullptr;
   erm::launch_forward(a, plan, c10::cuda::getCurrentCUDAStream(device).stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {logprob, lse, tl, ent};
+  return {logprob, lse, tl, ent, state};
 }
 
-Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse,
+Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor& state,
                        const Tensor& ent, const std::optional<Tensor>& g_lp,
                        const std::optional<Tensor>& g_lse, const std::optional<Tensor>& g_tl,
                        const std::optional<Tensor>& g_ent, double alpha, int64_t ignore_index,
@@ -131,8 +133,10 @@ Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor
       check_rows(logits, targets, alpha, ignore_index, inner_rows, stride_outer, stride_inner);
   const int64_t n = rows.n;
   const c10::cuda::CUDAGuard guard(logits.device());
-  const float* lse_p = opt_rows(lse, logits, n, "lse");
-  TORCH_CHECK(lse_p != nullptr, "erm_C: lse must hold one float32 per row");
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.device() == logits.device() &&
+                  state.is_contiguous() && state.dim() == 2 && state.size(0) == n &&
+                  state.size(1) == 2,
+              "erm_C: state must be a contiguous (N, 2) float32 tensor on the logits' device");
   erm::BwdArgs a{};
   static_cast<erm::RowsArgs&>(a) = rows;
   a.g_logprob = opt_rows(g_lp, logits, n, "g_logprob");
@@ -145,7 +149,7 @@ Tensor token_stats_bwd(const Tensor& logits, const Tensor& targets, const Tensor
     TORCH_CHECK(a.entropy != nullptr, "erm_C: g_entropy given but entropy is empty");
   }
   Tensor grad = at::empty({n, rows.v}, logits.options());
-  a.lse = lse_p;
+  a.state = state.data_ptr<float>();
   a.grad = grad.data_ptr();
   const int device = logits.get_device();
   erm::launch_backward(a, device, c10::cuda::getCurrentCUDAStream(device).stream());
@@ -159,9 +163,9 @@ TORCH_LIBRARY(erm_C, m) {
   m.def(
       "token_stats_fwd(Tensor logits, Tensor targets, float alpha, int ignore_index, "
       "bool with_entropy, int inner_rows, int stride_outer, int stride_inner) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "token_stats_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor ent, Tensor? g_lp, "
+      "token_stats_bwd(Tensor logits, Tensor targets, Tensor state, Tensor ent, Tensor? g_lp, "
       "Tensor? g_lse, Tensor? g_tl, Tensor? g_ent, float alpha, int ignore_index, "
       "int inner_rows, int stride_outer, int stride_inner) -> Tensor");
 }

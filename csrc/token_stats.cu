@@ -5,18 +5,21 @@
 //   dz_j = p_j/α · (g_lse − g_lp − g_H·(x_j − lse + H)) + [j == a]·(g_lp/α + g_tl)
 //
 // Forward: one read of the logits. Each thread keeps an online (m, s, w) with m the running max of
-// the *raw* logits, s = Σ 2^d and w = Σ 2^d·d for d = (z − m)·log2(e)/α (base-2 units, so each
+// the *raw* logits, s = Σ 2^d and w = Σ 2^d·d for d = (z − m)·log2(e)/α ≤ 0 (base-2 units, so each
 // element costs one FADD, one FMUL and one MUFU.EX2); keeping m in raw units makes z[a] − m exact,
-// which keeps logprob accurate for large logits. States merge as
+// which keeps logprob accurate for large logits, and no finite logit overflows. States merge as
 //   m = max(m1, m2), s = Σ s_i 2^{d_i}, w = Σ 2^{d_i}(w_i + s_i d_i), d_i = (m_i − m)·log2(e)/α
-// and at the end lse = m/α + ln s, logprob = (z[a] − m)/α − ln s, H = ln2·(log2 s − w/s).
+// and at the end lse = m/α + ln s, logprob = min(0, (z[a] − m)/α − ln s), H = ln2·(log2 s − w/s).
+// (+inf) − (+inf) counts as 0 (`cdiff`): the +inf entries of a row share its probability mass.
+// Each row's state (m, ln s) is written for the backward: p = exp((z − m)/α − ln s).
 // Loads are 16-byte vectors (8 bf16/fp16 or 4 fp32) from the first 16-byte-aligned element of the
 // range, with a scalar head and tail, so any row offset / V works. When there are too few rows to
 // fill the GPU, the vocabulary is split across CTAs: each writes its (m, s, w) to a workspace and
 // a combine kernel (one warp per row) merges them.
 //
 // Backward: one read of the logits and one write of the gradient (input dtype), a 1-D grid over
-// (row, vocabulary chunk); the target-class term is added in float32 before the single cast.
+// (row, vocabulary chunk), from the saved (m, ln s); the target-class term is added in float32
+// before the single cast.
 #include "token_stats.h"
 
 #include <cuda_bf16.h>
@@ -136,6 +139,9 @@ __device__ __forceinline__ int64_t head_len(const T* p, int64_t len) {
   return h < len ? h : len;
 }
 
+// a − b, with (+inf) − (+inf) = 0 (entries equal to an infinite row max share the mass).
+__device__ __forceinline__ float cdiff(float a, float b) { return a == b ? 0.f : a - b; }
+
 // ------------------------------------------------------------------------------------------------
 // Online (m, s, w) state.
 struct Acc {
@@ -153,9 +159,9 @@ __device__ __forceinline__ void acc_add(Acc& a, const float* z, float c2) {
 #pragma unroll
   for (int k = 1; k < K; ++k) vm = fmaxf(vm, z[k]);
   if (vm > a.m) {  // new max (rare after the first few groups): rescale
-    const float dm = (a.m - vm) * c2;  // −inf when nothing was seen: scale 0
+    const float dm = (a.m - vm) * c2;  // −inf when nothing was seen (or vm = +inf): scale 0
     const float sc = exp2f(dm);
-    if (ENT) a.w = a.s > 0.f ? sc * fmaf(a.s, dm, a.w) : 0.f;
+    if (ENT) a.w = sc > 0.f ? sc * fmaf(a.s, dm, a.w) : 0.f;
     a.s *= sc;
     a.m = vm;
   }
@@ -163,7 +169,7 @@ __device__ __forceinline__ void acc_add(Acc& a, const float* z, float c2) {
   const float m = a.m == -INFINITY ? 0.f : a.m;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const float d = (z[k] - m) * c2;
+    const float d = cdiff(z[k], m) * c2;
     const float e = exp2f(d);
     a.s += e;
     if (ENT) a.w = fmaf(e, fmaxf(d, -FLT_MAX), a.w);  // 0·(−inf) → 0; NaN still propagates via e
@@ -177,11 +183,11 @@ __device__ __forceinline__ void acc_merge(Acc& a, const Acc& b, float c2) {
     a = acc_identity();
     return;
   }
-  const float da = (a.m - m) * c2, db = (b.m - m) * c2;
+  const float da = cdiff(a.m, m) * c2, db = cdiff(b.m, m) * c2;
   const float ea = exp2f(da), eb = exp2f(db);
   if (ENT) {
-    const float wa = a.s > 0.f ? ea * fmaf(a.s, da, a.w) : 0.f;
-    const float wb = b.s > 0.f ? eb * fmaf(b.s, db, b.w) : 0.f;
+    const float wa = ea > 0.f ? ea * fmaf(a.s, da, a.w) : 0.f;
+    const float wb = eb > 0.f ? eb * fmaf(b.s, db, b.w) : 0.f;
     a.w = wa + wb;
   }
   a.s = a.s * ea + b.s * eb;
@@ -267,10 +273,14 @@ __device__ __forceinline__ void finish_row(const FwdArgs& a, int64_t row,
   const bool valid = t != a.ignore_index;
   float zt = 0.f;
   if (valid) zt = (t >= 0 && t < a.v) ? Elem<D>::load1(base + t) : NAN;  // range checked in Python
+  const float m = acc.m == -INFINITY ? 0.f : acc.m;  // all −inf: s = 0, lse = −inf
   const float ln_s = log2f(acc.s) * kLn2;
-  a.lse[row] = __fdiv_rn(acc.m, a.alpha) + ln_s;
+  a.lse[row] = __fdiv_rn(m, a.alpha) + ln_s;
   a.target_logit[row] = zt;
-  a.logprob[row] = valid ? __fdiv_rn(zt - acc.m, a.alpha) - ln_s : 0.f;
+  const float lp = __fdiv_rn(cdiff(zt, m), a.alpha) - ln_s;
+  a.logprob[row] = valid ? (lp > 0.f ? 0.f : lp) : 0.f;  // ≤ 0 whatever the rounding; NaN stays
+  a.state[2 * row] = m;
+  a.state[2 * row + 1] = ln_s;
   if (ENT) a.entropy[row] = kLn2 * (log2f(acc.s) - __fdiv_rn(acc.w, acc.s));
 }
 
@@ -324,8 +334,8 @@ __global__ void __launch_bounds__(256)
 // Backward.
 struct RowGrad {
   float ia2;    // log2(e)/α
-  float lse2;   // lse·log2(e), rounded to float32
-  float lse2_lo;  // its rounding error: lse·log2(e) = lse2 + lse2_lo exactly (FMA)
+  float m;      // the row max saved by the forward (0 for an all −inf row)
+  float ls2;    // ln s·log2(e) = log2 s (small: its rounding is relative to log2 s, not to lse)
   float c;      // (g_lse − g_lp − g_H·H)/α
   float g2;     // g_H/α · ln 2  (d is in base-2 units)
   float tadd;   // g_lp/α + g_tl on the target column (valid rows)
@@ -333,9 +343,9 @@ struct RowGrad {
 };
 
 __device__ __forceinline__ float grad_elem(float z, const RowGrad& r) {
-  // (x − lse)·log2(e) = z·ia2 − lse2 − lse2_lo: the FMA rounds once, relative to the small
-  // result, and lse2_lo takes back the rounding of lse·log2(e) (≈ 1e-3 at |lse| ≈ 1e4)
-  const float d = fmaf(z, r.ia2, -r.lse2) - r.lse2_lo;
+  // log2 p = (z − m)·log2(e)/α − log2 s, centred on the row max: z − m is exact for nearby
+  // values, so large common offsets cost no digits
+  const float d = fmaf(cdiff(z, r.m), r.ia2, -r.ls2);
   const float p = exp2f(d);
   const float g = p * fmaf(-r.g2, d, r.c);
   return p == 0.f ? 0.f : g;  // p = 0 (e.g. z = −inf): no contribution, even if g2·d overflows
@@ -378,10 +388,9 @@ __device__ __forceinline__ void bwd_block(const BwdArgs& a, const int64_t bid, c
     const float gtl = (valid && a.g_target_logit) ? a.g_target_logit[row] : 0.f;
     const float gh = a.g_entropy ? a.g_entropy[row] : 0.f;
     const float h = a.g_entropy ? a.entropy[row] : 0.f;
-    const float lse = a.lse[row];
     r.ia2 = ia2;
-    r.lse2 = lse * kLog2e;
-    r.lse2_lo = fmaf(lse, kLog2e, -r.lse2);
+    r.m = a.state[2 * row];
+    r.ls2 = a.state[2 * row + 1] * kLog2e;
     r.c = (glse - glp - gh * h) * inv_alpha;
     r.g2 = gh * inv_alpha * kLn2;
     r.tadd = valid ? fmaf(glp, inv_alpha, gtl) : 0.f;

@@ -40,6 +40,7 @@ struct FwdArgs : RowsArgs {
   float* lse;           // (N,)
   float* target_logit;  // (N,)
   float* entropy;       // (N,) or nullptr when not asked
+  float* state;         // (N, 2): the row max m and ln Σ exp((z − m)/α), for the backward
   float* workspace;     // N * splits * 3 floats when splits > 1, else unused
 };
 
@@ -50,7 +51,7 @@ struct FwdPlan {
 };
 
 struct BwdArgs : RowsArgs {
-  const float* lse;
+  const float* state;    // (N, 2) from the forward: (m, ln s) per row
   const float* entropy;  // may be nullptr when g_entropy is nullptr
   const float* g_logprob;
   const float* g_lse;

@@ -5,15 +5,18 @@ z = hidden @ weight.T + bias, x = z/α, p = softmax(x) (math in erm/ops/linear_t
 
 Forward (`forward`): programs own a (BLOCK_N tokens) × (one vocabulary chunk) rectangle and walk
 its BLOCK_V tiles; each logit tile is a tl.dot over D in BLOCK_D steps with float32 accumulation
-(input_precision="ieee" for float32 inputs, so no TF32 rounding). Online max / sum-exp / centred
-Σ e^(x−m)(x−m) are merged across tiles and the target logit is picked in the same pass. When N is
+(input_precision="ieee" for float32 inputs, so no TF32 rounding). The online max m of the raw
+logits, s = Σ e^d and w = Σ e^d·d with d = (z − m)/α ≤ 0 (centred first: no overflow, no lost
+digits at large offsets, no cancellation in the entropy) are merged across tiles and the target
+logit is picked in the same pass. When N is
 small, V is split into several chunks (one program each) so the grid still fills the GPU; the
 per-chunk partials (m, s, w, z[a]) of shape (chunks, N) are merged by a tiny O(chunks·N) torch
 combine. Programs are ordered in groups of GROUP_N token blocks × all chunks, so the programs that
 run together share their hidden tiles (L2) and each weight tile is fetched from HBM N/(GROUP_N·
-BLOCK_N) times. Only O(N) floats (lse, entropy) are saved for the backward.
+BLOCK_N) times. Only O(N) floats (the row state (m, ln s) and the entropy) are saved for the
+backward.
 
-Backward (`backward`), given the saved lse (and entropy):
+Backward (`backward`), given the saved state (and entropy), with log p = (z − m)/α − ln s:
 
     dz = p/α·(c − g_H·(log p + H)) + [j == a]·t,   c = g_lse − g_lp,  t = g_lp/α + g_tl
 
@@ -121,6 +124,12 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_h, stride_w,
     return acc
 
 
+@triton.jit
+def _centred(z, m):
+    """z − m, with (+inf) − (+inf) taken as 0 (the +inf entries of a row share its mass)."""
+    return tl.where(z == m, 0.0, z - m)
+
+
 def _heuristics(fn):
     return triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(fn)
 
@@ -153,16 +162,16 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
                          BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
         hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
         tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        x = tl.where(col_ok[None, :], z * inv_alpha, neg_inf)
+        x = tl.where(col_ok[None, :], z, neg_inf)       # raw logits; the max is taken raw
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_use = tl.where(m_new > neg_inf, m_new, 0.0)  # all −inf so far: keep exp() finite
-        scale = tl.exp(m - m_use)
-        ex = tl.exp(x - m_use[:, None])
+        dm = _centred(m, m_use) * inv_alpha            # −inf when nothing was seen
+        scale = tl.exp(dm)
+        d = _centred(x, m_use[:, None]) * inv_alpha
+        ex = tl.exp(d)
         if WITH_ENT:
-            xc = tl.where(ex > 0, x - m_use[:, None], 0.0)  # 0·(−inf) would be NaN
-            t_w = tl.sum(ex * xc, axis=1)
-            shift = tl.where(m > neg_inf, m - m_use, 0.0) * s
-            w = scale * (w + shift) + t_w
+            t_w = tl.sum(ex * tl.where(ex > 0, d, 0.0), axis=1)  # 0·(−inf) would be NaN
+            w = tl.where(scale > 0, scale * (w + s * dm), 0.0) + t_w
         s = s * scale + tl.sum(ex, axis=1)
         m = m_new
     out = pid_c.to(tl.int64) * N + rows
@@ -174,17 +183,18 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
 
 
 @triton.jit
-def _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+def _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
              inv_alpha, WITH_ENT: tl.constexpr):
     """dz = p/α·(c − g_H·(log p + H)) + [j == a]·t, zero outside the valid rows/cols; the per-row
-    terms are loaded at the clamped rows rows_c."""
+    terms are loaded at the clamped rows rows_c; log p = (z − m)/α − ln s from the state."""
     tgt = tl.load(t_ptr + rows_c)
-    lse = tl.load(lse_ptr + rows_c)
+    m = tl.load(st_ptr + rows_c * 2)
+    ln_s = tl.load(st_ptr + rows_c * 2 + 1)
     c = tl.load(c_ptr + rows_c)
     gh = tl.load(gh_ptr + rows_c)
     ent = tl.load(ent_ptr + rows_c)
     tw = tl.load(tw_ptr + rows_c)
-    logp = z * inv_alpha - lse[:, None]
+    logp = _centred(z, m[:, None]) * inv_alpha - ln_s[:, None]
     p = tl.exp(logp)
     coef = c[:, None] + tl.zeros_like(logp)
     if WITH_ENT:
@@ -198,7 +208,7 @@ def _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent
 @autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
 @_heuristics
 @triton.jit
-def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr, dz_ptr,
+def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr, dz_ptr,
                N, V, D, stride_h, stride_w, stride_dz, inv_alpha, v_lo, v_len,
                HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr,
@@ -214,7 +224,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
                      BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
-    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
                   inv_alpha, WITH_ENT)
     ptrs = dz_ptr + rows_c[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -224,7 +234,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_p
                  reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 @_heuristics
 @triton.jit
-def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
                        dh_ptr, dw_ptr, db_ptr, N, V, D, stride_h, stride_w, inv_alpha,
                        HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr,
@@ -240,7 +250,7 @@ def _bwd_atomic_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_p
     cols_c = tl.minimum(cols, V - 1).to(tl.int64)
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, HAS_BIAS,
                      BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, PRECISION, UPCAST)
-    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, lse_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
+    dz = _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr,
                   inv_alpha, WITH_ENT)
     if NEED_B:
         tl.atomic_add(db_ptr + cols_c, tl.sum(dz, axis=0), mask=col_ok)
@@ -305,7 +315,8 @@ def _fwd_chunks(n, v, device):
 def forward(hidden, weight, bias, targets, alpha: float, ignore_index: int, with_entropy: bool):
     """hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 (validated).
 
-    Returns float32 (logprob, lse, target_logit, entropy) each (N,); entropy is (0,) if not asked."""
+    Returns float32 (logprob, lse, target_logit, entropy, state): (N,) each, entropy (0,) if not
+    asked, state (N, 2) the per-row (max, ln s) for the backward."""
     hidden, weight, bias = _prep(hidden, weight, bias)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -323,25 +334,30 @@ def forward(hidden, weight, bias, targets, alpha: float, ignore_index: int, with
                       HAS_BIAS=bias is not None, WITH_ENT=with_entropy,
                       PRECISION=_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype),
                       GROUP=GROUP_N)
-    # combine the per-chunk partials (O(chunks·N))
+    return _combine(m, s, w, tz, targets, alpha, ignore_index, with_entropy)
+
+
+def _combine(m, s, w, tz, targets, alpha, ignore_index, with_entropy):
+    """Merge the per-chunk partials (chunks, N) into the outputs (O(chunks·N))."""
     mx = m.amax(dim=0)
-    mx = torch.where(torch.isfinite(mx), mx, 0.0)
-    sc = torch.exp(m - mx)
+    mx = torch.where(mx == float("-inf"), 0.0, mx)
+    dm = torch.where(m == mx, 0.0, m - mx) / alpha
+    sc = torch.exp(dm)
     ssum = (s * sc).sum(dim=0)
-    lse = torch.log(ssum) + mx
+    ln_s = torch.log(ssum)
     valid = targets != ignore_index
     tl_out = torch.where(valid, tz.sum(dim=0), 0.0)
-    logprob = torch.where(valid, tl_out / alpha - lse, 0.0)
+    lp = torch.where(tl_out == mx, 0.0, tl_out - mx) / alpha - ln_s
+    logprob = torch.where(valid, torch.where(lp > 0, 0.0, lp), 0.0)  # ≤ 0; NaN stays NaN
     if with_entropy:
-        shift = torch.where(m > float("-inf"), (m - mx) * s, 0.0)
-        wsum = (sc * (w + shift)).sum(dim=0)
-        ent = torch.log(ssum) - wsum / ssum
+        wsum = torch.where(sc > 0, sc * (w + s * dm), 0.0).sum(dim=0)
+        ent = ln_s - wsum / ssum
     else:
-        ent = torch.empty(0, **f32)
-    return logprob, lse, tl_out, ent
+        ent = torch.empty(0, dtype=torch.float32, device=m.device)
+    return logprob, mx / alpha + ln_s, tl_out, ent, torch.stack([mx, ln_s], dim=1)
 
 
-def _row_coefs(targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, with_ent):
+def _row_coefs(targets, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, with_ent):
     """Per-row float32 coefficients of dz: c, g_H, H, t (all (N,))."""
     n = targets.shape[0]
     z = torch.zeros(n, dtype=torch.float32, device=targets.device)
@@ -395,7 +411,7 @@ def _mm_into(out, a, b):
     torch.mm(a, b, out=out)
 
 
-def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha: float,
+def backward(hidden, weight, bias, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha: float,
              ignore_index: int, need=(True, True, True), deterministic: bool = True):
     """Gradients (grad_hidden (N, D), grad_weight (V, D), grad_bias (V,)) in the input dtypes;
     a gradient not in `need` (or grad_bias without bias) is returned as an empty (0,) tensor."""
@@ -406,9 +422,9 @@ def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, 
     need_h, need_w, need_b = need
     need_b = need_b and bias is not None
     with_ent = g_ent is not None
-    c, gh, e, tw = _row_coefs(targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
+    c, gh, e, tw = _row_coefs(targets, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
                               with_ent)
-    lse = lse.float().contiguous()
+    state = state.float().contiguous()
     targets = targets.contiguous()
     b_arg = bias if bias is not None else hidden
     common = dict(HAS_BIAS=bias is not None, WITH_ENT=with_ent, PRECISION=_precision(dt),
@@ -421,7 +437,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, 
         dw = torch.zeros((v, d) if need_w else (1,), **f32)
         db = torch.zeros(v if need_b else 1, **f32)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
-        _bwd_atomic_kernel[grid](hidden, weight, b_arg, targets, lse, c, gh, e, tw, dh, dw, db,
+        _bwd_atomic_kernel[grid](hidden, weight, b_arg, targets, state, c, gh, e, tw, dh, dw, db,
                                  n, v, d, hidden.stride(0), weight.stride(0), 1.0 / alpha,
                                  NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **common)
         return (dh.to(dt) if need_h else empty(hidden), dw.to(weight.dtype) if need_w else empty(weight),
@@ -443,7 +459,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, 
         v_lo = i * vc
         v_len = min(vc, v - v_lo)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_len, meta["BLOCK_V"]),)  # noqa: E731
-        _dz_kernel[grid](hidden, weight, b_arg, targets, lse, c, gh, e, tw, dz,
+        _dz_kernel[grid](hidden, weight, b_arg, targets, state, c, gh, e, tw, dz,
                          n, v, d, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / alpha,
                          v_lo, v_len, **common)
         dzc = dz[:, :v_len]

@@ -2,15 +2,18 @@
 bench: benches/bench_token_stats.py).
 
 Forward: one program per (row, vocabulary split). It reads each logit once, in BLOCK_V chunks, and
-keeps in float32, base 2 (x2 = z·log2(e)/α): m = running max (a scalar: one block reduction per
-chunk), and per lane s = Σ 2^(x2−m) and w = Σ 2^(x2−m)·(x2−m) (the entropy numerator, centred on
-the max so that H = log s − w/s does not cancel for large logits), rescaled when m grows and
-reduced once per row. When rows are too few to fill the GPU the vocabulary is split across
-programs and a small combine kernel merges the (m, s, w) partials. The target logit is a single
-scalar load. No softmax and no float32 copy of the logits is ever written.
+keeps in float32: m = running max of the raw logits (a scalar: one block reduction per chunk), and
+per lane, in base 2 with d = (z − m)·log2(e)/α ≤ 0, s = Σ 2^d and w = Σ 2^d·d (the entropy
+numerator), rescaled when m grows and reduced once per row. Centring on the raw max first means no
+finite logit overflows (|z| up to 3.4e38), the log-prob (z[a] − m)/α − ln s keeps the digits of
+z below its ulp at large offsets, and H = ln s − w/s does not cancel. When rows are too few to
+fill the GPU the vocabulary is split across programs and a small combine kernel merges the
+(m, s, w) partials. The target logit is a single scalar load. No softmax and no float32 copy of
+the logits is ever written. Besides the four statistics the forward writes each row's state
+(m, ln s), two floats, which is all the backward needs besides the logits.
 
-Backward: one program per (row, BLOCK_V chunk): p = 2^(x2 − lse2) recomputed from the logits and
-the saved per-row lse (O(N) saved state), the gradient written once, in the logits' dtype, with the
+Backward: one program per (row, BLOCK_V chunk): log p = (z − m)/α − ln s recomputed from the
+logits and the saved state, the gradient written once, in the logits' dtype, with the
 target-class term added in float32 before the cast.
 
 Rows are addressed as (r // inner_rows)·stride_outer + (r % inner_rows)·stride_inner, so 2-D
@@ -37,54 +40,71 @@ def _row_base(row, inner_rows, s_outer, s_inner):
 
 
 @triton.jit
-def _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
+def _centred(z, m):
+    """z − m, with (+inf) − (+inf) taken as 0: entries equal to an infinite row max share the
+    probability mass (see erm/ops/token_stats.py)."""
+    return tl.where(z == m, 0.0, z - m)
+
+
+@triton.jit
+def _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, row, base, m, s, w, inv_alpha,
             ignore_index, WITH_ENT: tl.constexpr):
-    """Write logprob, lse, target_logit (and entropy) of one row from its merged (m, s, w)."""
-    lse = (m + tl.log2(s)) * 0.6931471805599453
+    """Write logprob, lse, target_logit, the row state (m, ln s) (and entropy) of one row from its
+    merged (m, s, w): m the raw row max (0 for an all −inf row), s = Σ 2^d, w = Σ 2^d·d with
+    d = (z − m)·log2(e)/α."""
+    m = tl.where(m == float("-inf"), 0.0, m)
+    log2_s = tl.log2(s)
+    ln_s = log2_s * 0.6931471805599453
     t = tl.load(t_ptr + row)
     valid = t != ignore_index
     tz = tl.load(z_ptr + base + tl.where(valid, t, 0)).to(tl.float32)
     tz = tl.where(valid, tz, 0.0)
-    tl.store(lse_ptr + row, lse)
+    lp = _centred(tz, m) * inv_alpha - ln_s
+    lp = tl.where(lp > 0.0, 0.0, lp)  # ≤ 0 whatever the rounding (NaN stays NaN)
+    tl.store(lse_ptr + row, m * inv_alpha + ln_s)
     tl.store(tl_ptr + row, tz)
-    tl.store(lp_ptr + row, tl.where(valid, tz * inv_alpha - lse, 0.0))
+    tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
+    tl.store(st_ptr + row.to(tl.int64) * 2, m)
+    tl.store(st_ptr + row.to(tl.int64) * 2 + 1, ln_s)
     if WITH_ENT:
-        tl.store(ent_ptr + row, (tl.log2(s) - w / s) * 0.6931471805599453)
+        tl.store(ent_ptr + row, (log2_s - w / s) * 0.6931471805599453)
 
 
 @triton.jit
-def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
+def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, ws_ptr,
                 V, inner_rows, s_outer, s_inner, inv_alpha, ignore_index, split_len,
                 SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     base = _row_base(row, inner_rows, s_outer, s_inner)
-    scale2 = inv_alpha * 1.4426950408889634
+    c2 = inv_alpha * 1.4426950408889634
     start = split * split_len
     stop = tl.minimum(start + split_len, V)
-    # One block reduction per chunk (the max); s and w accumulate per lane, rescaled by a scalar
-    # when the max grows, and are reduced once at the end.
+    # m is the running max of the raw logits (a scalar: one block reduction per chunk); s and w
+    # accumulate per lane in base 2, centred on m (so nothing overflows for finite logits and the
+    # entropy does not cancel), rescaled by a scalar when m grows, and reduced once at the end.
     m = tl.full((), float("-inf"), tl.float32)
     s_vec = tl.zeros((BLOCK_V,), tl.float32)
     w_vec = tl.zeros((BLOCK_V,), tl.float32)
     for off in range(start, stop, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
-        x = tl.load(z_ptr + base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
-        x = x * scale2
-        m_new = tl.maximum(m, tl.max(x, 0))
+        z = tl.load(z_ptr + base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: keep exp2 finite
-        rescale = tl.exp2(m - m_ref)
-        e = tl.exp2(x - m_ref)
+        dm = _centred(m, m_ref) * c2                            # −inf when nothing was seen
+        rescale = tl.exp2(dm)
+        d = _centred(z, m_ref) * c2
+        e = tl.exp2(d)
         if WITH_ENT:
-            d = tl.where(m == float("-inf"), 0.0, m - m_ref)
-            w_vec = rescale * (w_vec + s_vec * d) + e * tl.where(e > 0, x - m_ref, 0.0)
+            w_old = tl.where(rescale > 0, rescale * (w_vec + s_vec * dm), 0.0)
+            w_vec = w_old + e * tl.where(e > 0, d, 0.0)
         s_vec = s_vec * rescale + e
         m = m_new
     s = tl.sum(s_vec, 0)
     w = tl.sum(w_vec, 0)
     if SPLITS == 1:
-        _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
-                ignore_index, WITH_ENT)
+        _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, row, base, m, s, w,
+                inv_alpha, ignore_index, WITH_ENT)
     else:
         p = ws_ptr + (row.to(tl.int64) * SPLITS + split) * 3
         tl.store(p, m)
@@ -93,7 +113,7 @@ def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
 
 
 @triton.jit
-def _combine_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
+def _combine_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, ws_ptr,
                     inner_rows, s_outer, s_inner, inv_alpha, ignore_index,
                     SPLITS: tl.constexpr, WITH_ENT: tl.constexpr):
     row = tl.program_id(0)
@@ -105,16 +125,16 @@ def _combine_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, ws_ptr,
     wi = tl.load(p + 2)
     m = tl.max(mi, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    f = tl.exp2(mi - m_ref)
+    dm = _centred(mi, m_ref) * (inv_alpha * 1.4426950408889634)
+    f = tl.exp2(dm)
     s = tl.sum(si * f, 0)
-    d = tl.where(mi == float("-inf"), 0.0, mi - m_ref)
-    w = tl.sum(f * (wi + si * d), 0)
-    _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, row, base, m, s, w, inv_alpha,
+    w = tl.sum(tl.where(f > 0, f * (wi + si * dm), 0.0), 0)
+    _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, row, base, m, s, w, inv_alpha,
             ignore_index, WITH_ENT)
 
 
 @triton.jit
-def _bwd_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent_ptr, dz_ptr,
+def _bwd_kernel(z_ptr, t_ptr, st_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent_ptr, dz_ptr,
                 V, inner_rows, s_outer, s_inner, inv_alpha, ignore_index,
                 HAS_LP: tl.constexpr, HAS_LSE: tl.constexpr, HAS_TL: tl.constexpr,
                 HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -122,10 +142,11 @@ def _bwd_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = cols < V
     base = _row_base(row, inner_rows, s_outer, s_inner)
-    scale2 = inv_alpha * 1.4426950408889634
-    x2 = tl.load(z_ptr + base + cols, mask=inb, other=float("-inf")).to(tl.float32) * scale2
-    lse = tl.load(lse_ptr + row)
-    p = tl.exp2(x2 - lse * 1.4426950408889634)
+    z = tl.load(z_ptr + base + cols, mask=inb, other=float("-inf")).to(tl.float32)
+    m = tl.load(st_ptr + row.to(tl.int64) * 2)
+    ln_s = tl.load(st_ptr + row.to(tl.int64) * 2 + 1)
+    logp = _centred(z, m) * inv_alpha - ln_s                # log p, centred on the row max
+    p = tl.exp(logp)
     t = tl.load(t_ptr + row)
     valid = t != ignore_index
     coef = 0.0
@@ -142,8 +163,7 @@ def _bwd_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, glse_ptr, gtl_ptr, gent
     if HAS_ENT:
         h = tl.load(ent_ptr + row)
         ge = tl.load(gent_ptr + row)
-        xc = x2 * 0.6931471805599453 - lse + h          # x − lse + H, natural units
-        g -= ge * p * tl.where(p > 0, xc, 0.0)
+        g -= ge * p * tl.where(p > 0, logp + h, 0.0)
     g = g * inv_alpha
     g = tl.where(valid & (cols == t), g + tgt, g)          # float32 until the single cast below
     tl.store(dz_ptr + row.to(tl.int64) * V + cols, g.to(dz_ptr.dtype.element_ty), mask=inb)
@@ -194,14 +214,16 @@ def _plan(n, v, device, block_v, splits):
 def forward(logits, targets, alpha, ignore_index, with_entropy, *, block_v=None, splits=None):
     """Triton forward. logits (..., V) fp32/bf16/fp16, targets int64 (...) already range-checked.
 
-    Returns float32 (logprob, lse, target_logit, entropy) shaped like targets; entropy is an empty
-    (0,) tensor unless `with_entropy`. `block_v` / `splits` override the launch plan (tests)."""
+    Returns float32 (logprob, lse, target_logit, entropy, state) shaped like targets; entropy is
+    an empty (0,) tensor unless `with_entropy`; state (N, 2) holds each row's (max, ln s) for the
+    backward. `block_v` / `splits` override the launch plan (tests)."""
     z, n, v, inner, s_out, s_in = _layout(logits)
     dev = logits.device
     fixed_block = block_v is not None  # tests pin the block; else autotuned on GPU
     t = targets.reshape(-1).contiguous()
     outs = [_empty(n, dtype=torch.float32, device=dev) for _ in range(3)]
     ent = _empty(n if with_entropy else 0, dtype=torch.float32, device=dev)
+    state = _empty((n, 2), dtype=torch.float32, device=dev)
     block_v, n_splits, split_len = _plan(n, v, dev, block_v, splits)
     ws = torch.empty((n, n_splits, 3) if n_splits > 1 else (1,), dtype=torch.float32, device=dev)
     if n_splits > 1:
@@ -209,35 +231,36 @@ def forward(logits, targets, alpha, ignore_index, with_entropy, *, block_v=None,
         ws[:, :, 1:] = 0.0
     ent_arg = ent if with_entropy else outs[0]
     grid = (n, triton.cdiv(v, split_len))
-    args = (z, t, outs[0], outs[1], outs[2], ent_arg, ws, v, inner, s_out, s_in, 1.0 / alpha,
-            ignore_index, split_len)
+    args = (z, t, outs[0], outs[1], outs[2], ent_arg, state, ws, v, inner, s_out, s_in,
+            1.0 / alpha, ignore_index, split_len)
     if dev.type == "cuda" and not fixed_block:
         _fwd_tuned[grid](*args, SPLITS=n_splits, WITH_ENT=with_entropy)
     else:
         _fwd_kernel[grid](*args, SPLITS=n_splits, BLOCK_V=block_v, WITH_ENT=with_entropy,
                           num_warps=8 if dev.type == "cuda" else 1)
     if n_splits > 1:
-        _combine_kernel[(n,)](z, t, outs[0], outs[1], outs[2], ent_arg, ws, inner, s_out, s_in,
-                              1.0 / alpha, ignore_index, SPLITS=n_splits, WITH_ENT=with_entropy)
+        _combine_kernel[(n,)](z, t, outs[0], outs[1], outs[2], ent_arg, state, ws, inner, s_out,
+                              s_in, 1.0 / alpha, ignore_index, SPLITS=n_splits,
+                              WITH_ENT=with_entropy)
     shape = targets.shape
     return (outs[0].view(shape), outs[1].view(shape), outs[2].view(shape),
-            ent.view(shape) if with_entropy else ent)
+            ent.view(shape) if with_entropy else ent, state)
 
 
-def backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, *,
+def backward(logits, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, *,
              block_v=None):
     """Triton backward: d(loss)/d(logits) in logits' dtype, shape of logits (contiguous).
-    Upstream grads are float32 shaped like targets, or None."""
+    state is the forward's (N, 2); upstream grads are float32 shaped like targets, or None."""
     z, n, v, inner, s_out, s_in = _layout(logits)
     dev = logits.device
     dz = _empty(logits.shape, dtype=logits.dtype, device=dev)
     t = targets.reshape(-1).contiguous()
     flat = lambda g: None if g is None else g.reshape(-1).contiguous()  # noqa: E731
-    lse_f = flat(lse)
-    dummy = lse_f
+    st = state.contiguous()
+    dummy = st
     args = [flat(g) if g is not None else dummy for g in (g_lp, g_lse, g_tl, g_ent)]
     ent_f = flat(ent) if g_ent is not None else dummy
-    kargs = (z, t, lse_f, ent_f, *args, dz, v, inner, s_out, s_in, 1.0 / alpha, ignore_index)
+    kargs = (z, t, st, ent_f, *args, dz, v, inner, s_out, s_in, 1.0 / alpha, ignore_index)
     flags = dict(HAS_LP=g_lp is not None, HAS_LSE=g_lse is not None, HAS_TL=g_tl is not None,
                  HAS_ENT=g_ent is not None)
     if dev.type == "cuda" and block_v is None:

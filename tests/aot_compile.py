@@ -109,13 +109,13 @@ def main(argv):
             for ent in (False, True) if full else (True,):
                 e = "+ent" if ent else ""
                 io = dict(z_ptr=dt, t_ptr="i64", lp_ptr="fp32", lse_ptr="fp32", tl_ptr="fp32",
-                          ent_ptr="fp32", ws_ptr="fp32")
+                          ent_ptr="fp32", st_ptr="fp32", ws_ptr="fp32")
                 for splits in (1, 8):
                     build(f"token_stats.fwd{e}/splits={splits}", cc, dt, tk._fwd_kernel, tgt, io,
                           {"inv_alpha"}, dict(SPLITS=splits, BLOCK_V=4096, WITH_ENT=ent))
                 build(f"token_stats.combine{e}", cc, dt, tk._combine_kernel, tgt, io,
                       {"inv_alpha"}, dict(SPLITS=8, WITH_ENT=ent), num_warps=1)
-                bio = dict(z_ptr=dt, t_ptr="i64", lse_ptr="fp32", ent_ptr="fp32", glp_ptr="fp32",
+                bio = dict(z_ptr=dt, t_ptr="i64", st_ptr="fp32", ent_ptr="fp32", glp_ptr="fp32",
                            glse_ptr="fp32", gtl_ptr="fp32", gent_ptr="fp32", dz_ptr=dt)
                 build(f"token_stats.bwd{e}", cc, dt, tk._bwd_kernel, tgt, bio, {"inv_alpha"},
                       dict(HAS_LP=True, HAS_LSE=True, HAS_TL=ent, HAS_ENT=ent, BLOCK_V=4096))
@@ -126,7 +126,7 @@ def main(argv):
             build("linear.fwd", cc, dt, lk._fwd_kernel, tgt,
                   dict(p, m_ptr="fp32", s_ptr="fp32", e_ptr="fp32", z_ptr="fp32"), {"inv_alpha"},
                   common)
-            bp = dict(p, lse_ptr="fp32", c_ptr="fp32", gh_ptr="fp32", ent_ptr="fp32", tw_ptr="fp32")
+            bp = dict(p, st_ptr="fp32", c_ptr="fp32", gh_ptr="fp32", ent_ptr="fp32", tw_ptr="fp32")
             build("linear.dz", cc, dt, lk._dz_kernel, tgt, dict(bp, dz_ptr=dt), {"inv_alpha"},
                   common)
             build("linear.bwd_atomic", cc, dt, lk._bwd_atomic_kernel, tgt,

@@ -32,8 +32,8 @@ GPU = torch.cuda.is_available()
 
 FWD_SCHEMA = ("erm_C::token_stats_fwd(Tensor logits, Tensor targets, float alpha, int ignore_index, "
               "bool with_entropy, int inner_rows, int stride_outer, int stride_inner) "
-              "-> (Tensor, Tensor, Tensor, Tensor)")
-BWD_SCHEMA = ("erm_C::token_stats_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor ent, "
+              "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+BWD_SCHEMA = ("erm_C::token_stats_bwd(Tensor logits, Tensor targets, Tensor state, Tensor ent, "
               "Tensor? g_lp, Tensor? g_lse, Tensor? g_tl, Tensor? g_ent, float alpha, "
               "int ignore_index, int inner_rows, int stride_outer, int stride_inner) -> Tensor")
 

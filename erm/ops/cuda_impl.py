@@ -33,11 +33,11 @@ def _register_fakes():
         def _(logits, targets, alpha, ignore_index, with_entropy, inner_rows, stride_outer,
               stride_inner):
             n = targets.numel()
-            mk = lambda k: logits.new_empty((k,), dtype=torch.float32)  # noqa: E731
-            return mk(n), mk(n), mk(n), mk(n if with_entropy else 0)
+            mk = lambda *k: logits.new_empty(k, dtype=torch.float32)  # noqa: E731
+            return mk(n), mk(n), mk(n), mk(n if with_entropy else 0), mk(n, 2)
 
         @torch.library.register_fake("erm_C::token_stats_bwd")
-        def _(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
+        def _(logits, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
               inner_rows, stride_outer, stride_inner):
             return logits.new_empty((targets.numel(), logits.shape[-1]))
     except Exception:  # already registered (module reloaded) or an older torch: not essential
@@ -45,15 +45,18 @@ def _register_fakes():
 
 
 def forward(logits, targets, alpha, ignore_index, with_entropy):
-    """CUDA forward: float32 (logprob, lse, target_logit, entropy) shaped like targets; entropy is
-    an empty (0,) tensor when with_entropy is False."""
+    """CUDA forward: float32 (logprob, lse, target_logit, entropy, state): the first four shaped
+    like targets (entropy an empty (0,) tensor when with_entropy is False), state (N, 2) the
+    per-row (max, ln s) the backward reads."""
     ops = _ops()
     z, inner, s_outer, s_inner = row_layout(logits)
     t = _flat_targets(targets)
-    lp, lse, tl, ent = ops.token_stats_fwd(z, t, float(alpha), int(ignore_index), bool(with_entropy),
-                                           int(inner), int(s_outer), int(s_inner))
+    lp, lse, tl, ent, state = ops.token_stats_fwd(z, t, float(alpha), int(ignore_index),
+                                                  bool(with_entropy), int(inner), int(s_outer),
+                                                  int(s_inner))
     shape = targets.shape
-    return lp.view(shape), lse.view(shape), tl.view(shape), ent.view(shape) if with_entropy else ent
+    return (lp.view(shape), lse.view(shape), tl.view(shape),
+            ent.view(shape) if with_entropy else ent, state)
 
 
 def _flat_targets(targets):
@@ -66,17 +69,17 @@ def _rows(t):
     return t.reshape(-1).to(torch.float32).contiguous()
 
 
-def backward(logits, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index):
+def backward(logits, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index):
     """CUDA backward: d(loss)/d(logits), logits.shape and logits.dtype, contiguous. Upstream grads
     are float32 shaped like targets, or None (zero)."""
     ops = _ops()
     z, inner, s_outer, s_inner = row_layout(logits)
     t = _flat_targets(targets)
     if g_ent is None:
-        ent_rows = lse.new_empty((0,), dtype=torch.float32)
+        ent_rows = state.new_empty((0,), dtype=torch.float32)
     else:
         ent_rows = _rows(ent)
-    grad = ops.token_stats_bwd(z, t, _rows(lse), ent_rows, _rows(g_lp), _rows(g_lse), _rows(g_tl),
+    grad = ops.token_stats_bwd(z, t, state.to(torch.float32).contiguous(), ent_rows, _rows(g_lp), _rows(g_lse), _rows(g_tl),
                                _rows(g_ent), float(alpha), int(ignore_index), int(inner),
                                int(s_outer), int(s_inner))
     return grad.view(logits.shape)

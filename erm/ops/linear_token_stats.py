@@ -1,21 +1,23 @@
 """Token statistics and endogenous rewards straight from hidden states and the LM-head weight,
 without materialising the N×V logits.
 
-With hidden h (..., D), LM-head weight W (V, D) and optional bias b (V,):
+With hidden h (..., D), LM-head weight W (V, D) and optional bias b (V,), centred on the row max
+m of z as in `erm.ops.token_stats` (same semantics for infinite logits):
 
-    z = h @ W.T + b,   x = z/α,   p = softmax(x)
-    lse = logsumexp(x),   target_logit = z[a],   logprob = z[a]/α − lse   (0 at ignore_index)
-    entropy H = lse − Σ p·x
+    z = h @ W.T + b,   d = (z − m)/α,   s = Σ e^d,   p = e^d / s
+    lse = m/α + log s,   target_logit = z[a],   logprob = min(0, d[a] − log s)   (0 at ignore_index)
+    entropy H = log s − Σ p·d
 
 `linear_token_stats(h, W, a, ...)` equals `token_stats(h @ W.T + b, a, ...)`. Backward, for
 upstream grads (g_lp, g_lse, g_tl, g_H):
 
-    dz_j = p_j/α·(g_lse − g_lp − g_H·(x_j − lse + H)) + [j == a]·(g_lp/α + g_tl)
+    dz_j = p_j/α·(g_lse − g_lp − g_H·(log p_j + H)) + [j == a]·(g_lp/α + g_tl),
+    log p_j = (z_j − m)/α − log s from the saved per-row state (m, log s)
     grad_h = dz @ W,   grad_W = dz.T @ h,   grad_b = Σ_n dz
 
 (ignore_index rows contribute no g_lp / g_tl terms). Backends: `erm.kernels.linear_token_stats`
 (Triton; design in its docstring) and a chunked PyTorch path (here) whose float32 logits chunk
-stays below `torch_impl.CHUNK_BYTES`. Registered as `erm::linear_token_stats` (+
+stays below `LOGITS_CHUNK_BYTES`. Registered as `erm::linear_token_stats` (+
 `erm::linear_token_stats_backward`) with fake kernels and autograd, so `torch.compile(fullgraph=
 True)` traces it. Test: tests/test_linear_token_stats.py. Bench: benches/bench_linear_token_stats.py.
 """
@@ -38,8 +40,11 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+LOGITS_CHUNK_BYTES = 32 * 2**20  # torch backend: float32 logits of one chunk of tokens
+
+
 def _rows_per_chunk(v: int) -> int:
-    return max(1, torch_impl.CHUNK_BYTES // (4 * v))
+    return max(1, LOGITS_CHUNK_BYTES // (4 * v))
 
 
 def _chunk_logits(h, w_acc, b_acc):
@@ -58,10 +63,10 @@ def _torch_forward(hidden, weight, bias, targets, alpha, ignore_index, with_entr
         z = _chunk_logits(hidden[s:s + step], w_acc, b_acc)
         parts.append(torch_impl.forward(z, targets[s:s + step], alpha, ignore_index, with_entropy))
         del z
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(4))
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(5))
 
 
-def _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha,
+def _torch_backward(hidden, weight, bias, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha,
                     ignore_index, *, need, deterministic=True):
     acc = _acc_dtype(hidden)
     need_h, need_w, need_b = need
@@ -79,7 +84,7 @@ def _torch_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, 
         e = min(n, s + step)
         h = hidden[s:e].to(acc)
         z = _chunk_logits(h, w_acc, b_acc)
-        dz = torch_impl.backward(z, targets[s:e], lse[s:e], sl(ent, s, e) if g_ent is not None else ent,
+        dz = torch_impl.backward(z, targets[s:e], state[s:e], sl(ent, s, e) if g_ent is not None else ent,
                                  sl(g_lp, s, e), sl(g_lse, s, e), sl(g_tl, s, e), sl(g_ent, s, e),
                                  alpha, ignore_index)
         if need_h:
@@ -118,7 +123,9 @@ def _ignore(ignore_index: Optional[int]) -> int:
 @torch.library.custom_op("erm::linear_token_stats", mutates_args=())
 def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                            alpha: float, ignore_index: Optional[int], with_entropy: bool,
-                           deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           deterministic: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logprob, lse, target_logit, entropy, state (N, 2) for the backward)."""
     # the one range check of the ids (a device sync), inside the op so torch.compile traces it
     _checks.check_target_range(targets, weight.shape[0], ignore_index)
     _, (fwd, _) = dispatch.select(BACKENDS, backend, hidden.device, hidden.dtype)
@@ -129,13 +136,13 @@ def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
 def _(hidden, weight, bias, targets, alpha, ignore_index, with_entropy, deterministic, backend):
     dt = _acc_dtype(hidden)
     n = targets.shape[0]
-    mk = lambda size: hidden.new_empty((size,), dtype=dt)  # noqa: E731
-    return mk(n), mk(n), mk(n), mk(n if with_entropy else 0)
+    mk = lambda *size: hidden.new_empty(size, dtype=dt)  # noqa: E731
+    return mk(n), mk(n), mk(n), mk(n if with_entropy else 0), mk(n, 2)
 
 
 @torch.library.custom_op("erm::linear_token_stats_backward", mutates_args=())
 def _linear_token_stats_backward_op(
-        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, state: Tensor,
         ent: Tensor, g_lp: Optional[Tensor], g_lse: Optional[Tensor], g_tl: Optional[Tensor],
         g_ent: Optional[Tensor], alpha: float, ignore_index: Optional[int], need_hidden: bool,
         need_weight: bool, need_bias: bool, deterministic: bool,
@@ -143,12 +150,12 @@ def _linear_token_stats_backward_op(
     _, (_, bwd) = dispatch.select(BACKENDS, backend, hidden.device, hidden.dtype)
     cast = lambda g: None if g is None else g.to(_acc_dtype(hidden)).contiguous()  # noqa: E731
     grads = [cast(g) for g in (g_lp, g_lse, g_tl, g_ent)]
-    return bwd(hidden, weight, bias, targets, lse, ent, *grads, alpha, _ignore(ignore_index),
+    return bwd(hidden, weight, bias, targets, state, ent, *grads, alpha, _ignore(ignore_index),
                need=(need_hidden, need_weight, need_bias), deterministic=deterministic)
 
 
 @_linear_token_stats_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
+def _(hidden, weight, bias, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
       need_hidden, need_weight, need_bias, deterministic, backend):
     gh = hidden.new_empty(hidden.shape if need_hidden else (0,))
     gw = weight.new_empty(weight.shape if need_weight else (0,))
@@ -161,14 +168,13 @@ def _(hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, alpha, ignore_index, with_entropy, deterministic, backend = inputs
-    _, lse, _, ent = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.save_for_backward(hidden, weight, bias, targets, output[4], output[3])
     ctx.set_materialize_grads(False)  # unused outputs arrive as None: their terms are skipped
     ctx.args = (alpha, ignore_index, with_entropy, deterministic, backend)
 
 
-def _backward(ctx, g_lp, g_lse, g_tl, g_ent):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+def _backward(ctx, g_lp, g_lse, g_tl, g_ent, _g_state):
+    hidden, weight, bias, targets, state, ent = ctx.saved_tensors
     alpha, ignore_index, with_entropy, deterministic, backend = ctx.args
     if not with_entropy:
         g_ent = None
@@ -177,7 +183,7 @@ def _backward(ctx, g_lp, g_lse, g_tl, g_ent):
     if all(g is None for g in (g_lp, g_lse, g_tl, g_ent)) or not (need_h or need_w or need_b):
         return (None,) * 9
     gh, gw, gb = _linear_token_stats_backward_op(
-        hidden, weight, bias, targets, lse, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
+        hidden, weight, bias, targets, state, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index,
         need_h, need_w, need_b, deterministic, backend)
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
             None, None, None, None, None, None)
@@ -275,7 +281,7 @@ def _linear_token_stats(hidden, weight, bias, targets, alpha: float, ignore_inde
                         entropy: bool, deterministic: bool, backend: str) -> TokenStats:
     """`linear_token_stats` on validated arguments (the reward function calls this directly)."""
     shape = targets.shape
-    lp, lse, tl, ent = _linear_token_stats_op(_flat_hidden(hidden), weight, bias, targets.reshape(-1),
+    lp, lse, tl, ent, _ = _linear_token_stats_op(_flat_hidden(hidden), weight, bias, targets.reshape(-1),
                                               alpha, ignore_index, entropy, deterministic, backend)
     return TokenStats(lp.view(shape), lse.view(shape), tl.view(shape),
                       ent.view(shape) if entropy else None)
