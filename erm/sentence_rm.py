@@ -14,7 +14,7 @@ spaces, e.g. CJK) are merged into one.
 
 A value head on the backbone's last hidden state gives v_t = w·h_t + b, and
 
-    r_k = v(end_k) − v(end_{k−1})                     sentence reward (Σ_k r_k = v(end_K) − v(end_0))
+    r_k = v(end_k) − v(end_{k−1})          sentence reward (Σ_k r_k = v(end_K) − v(end_0))
 
 aggregated into the response reward R(x, y) by `aggregate`:
 
@@ -37,6 +37,7 @@ ids counting attended tokens only) and give the scores of one pair at a time.
 
 Training: `erm.train_srm` (`erm.train_sentence_rm`, the `erm train-srm` command).
 """
+import contextlib
 import json
 import math
 import os
@@ -288,6 +289,7 @@ class SentenceRM(nn.Module):
         self.end_ids = lm.end_token_ids(backbone, tokenizer)
         self.backbone_name = backbone_name
         self.backbone_tuned = False
+        self.eval()
 
     @property
     def device(self) -> torch.device:
@@ -405,20 +407,15 @@ class SentenceRM(nn.Module):
         """(N,) float32 CPU rewards of encoded examples, in length-sorted batches."""
         from tqdm.auto import tqdm
 
-        was = self.training
-        self.eval()
         out = torch.empty(len(examples), dtype=torch.float32)
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         show = progress if progress is not None else len(batches) > 1
-        try:
-            with tqdm(total=len(examples), desc="scoring", unit="pair", leave=False,
-                      disable=not show) as bar:
-                for idx in batches:
-                    out[idx] = self.forward([examples[i] for i in idx]).float().cpu()
-                    bar.update(len(idx))
-        finally:
-            self.train(was)
+        with _eval_mode(self), tqdm(total=len(examples), desc="scoring", unit="pair",
+                                    leave=False, disable=not show) as bar:
+            for idx in batches:
+                out[idx] = self.forward([examples[i] for i in idx]).float().cpu()
+                bar.update(len(idx))
         return out
 
     @torch.inference_mode()
@@ -429,12 +426,8 @@ class SentenceRM(nn.Module):
         Σ_k weight_k·reward_k is `score(prompt, response)` for "attention" and "sum" (for
         "last" add the value v(end_0) at the end of the prompt)."""
         ex = self.encode_many([prompt], [response], system_prompt=system_prompt)[0]
-        was = self.training
-        self.eval()
-        try:
+        with _eval_mode(self):
             _, r, w, v = self.aggregate_states(self.marker_states([ex]))
-        finally:
-            self.train(was)
         r, w, v = r[0].tolist(), w[0].tolist(), v[0].tolist()
         return [SentenceScore(text=response[s:e], start=s, end=e, reward=r[k], weight=w[k],
                               value=v[k + 1], n_tokens=ex.ends[k + 1] - ex.ends[k])
@@ -470,7 +463,8 @@ class SentenceRM(nn.Module):
         cfg["base_model"] = None if self.backbone_name is _UNNAMED else self.backbone_name
         cfg["base_model_named"] = self.backbone_name is not _UNNAMED
         cfg["backbone_tuned"] = bool(self.backbone_tuned)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        state = {k: v.detach().float().cpu().contiguous()
+                 for k, v in self.head.state_dict().items()}
         save_file(state, str(out / HEAD_NAME), metadata={"format": _FORMAT})
         tmp = out / (CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -510,6 +504,18 @@ class SentenceRM(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Every submodule in eval mode inside the block, each one's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _is_chat(p) -> bool:
     return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
 

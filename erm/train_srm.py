@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import lm
-from .sentence_rm import AGGREGATES, SentenceRM, _backbone_name, _UNNAMED
+from .sentence_rm import AGGREGATES, SentenceRM, _backbone_name, _eval_mode
 
 __all__ = ["train_sentence_rm", "add_parser", "as_pairs", "pair_accuracy"]
 
@@ -171,16 +171,12 @@ def _bt_loss(rc: torch.Tensor, rr: torch.Tensor, l2: float) -> torch.Tensor:
 def _evaluate(rm: SentenceRM, examples, cache, batch_size: int, l2: float) -> Dict[str, float]:
     """Accuracy and BT loss on encoded eval pairs ([chosen..., rejected...])."""
     n = len(examples) // 2
-    was = rm.training
-    rm.eval()
-    try:
-        if cache is not None:
+    if cache is not None:
+        with _eval_mode(rm):
             scores = torch.cat([_rewards(rm, range(k, min(k + batch_size, 2 * n)), examples,
                                          cache) for k in range(0, 2 * n, batch_size)]).cpu()
-        else:
-            scores = rm.score_examples(examples, progress=False)
-    finally:
-        rm.train(was)
+    else:
+        scores = rm.score_examples(examples, progress=False)
     c, r = scores[:n], scores[n:]
     return {"eval_accuracy": pair_accuracy(c, r), "eval_loss": float(_bt_loss(c, r, l2))}
 
@@ -257,6 +253,7 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
     rm = _build(model, tokenizer, aggregate, device, model_kwargs)
     examples = _encode_pairs(rm, train, "pairs")
     held_ex = _encode_pairs(rm, held, "eval_pairs") if held is not None else None
+    flags = [(p, p.requires_grad) for p in rm.backbone.parameters()]
     rm.backbone.requires_grad_(not freeze_backbone)
     cache = held_cache = None
     if freeze_backbone:
@@ -278,7 +275,8 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
         rm.backbone_tuned = True
         if gradient_checkpointing and hasattr(rm.backbone, "gradient_checkpointing_disable"):
             rm.backbone.gradient_checkpointing_disable()
-    rm.backbone.requires_grad_(False)
+    for p, flag in flags:  # a model object passed in keeps its own flags
+        p.requires_grad_(flag)
     rm.eval()
     if out is not None:
         rm.save_pretrained(out)

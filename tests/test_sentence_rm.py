@@ -128,6 +128,7 @@ def test_batching_equals_one_at_a_time(arch):
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
     one = rm.score("Hi", ["Hello world.", "Bad. Good."])  # one prompt broadcast
     assert one.shape == (2,)
+    assert not rm.training and not rm.backbone.training  # eval mode kept
 
 
 # ---------------------------------------------------------------- training
