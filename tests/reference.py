@@ -40,3 +40,15 @@ def rel_err(a, b):
     if torch.isnan(a).any() or torch.isnan(b).any():
         return float("inf")
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def soft_value_ref(logits, alpha=1.0):
+    """α·logsumexp(z/α) per position, float64."""
+    return alpha * torch.logsumexp(logits.double() / alpha, dim=-1)
+
+
+def response_logprob_ref(logits, ids, start, alpha=1.0):
+    """Σ_{t ≥ start} log softmax(z_{t−1}/α)[ids[t]] per row, float64 ((B, T, V) logits)."""
+    logp = torch.log_softmax(logits.double() / alpha, dim=-1)
+    t = ids.shape[1]
+    return sum(logp[:, j - 1].gather(-1, ids[:, j:j + 1]).squeeze(-1) for j in range(start, t))

@@ -1,11 +1,12 @@
 """erm.endogenous_rewards and erm.soft_values against the formulas, computed by explicit loops."""
+import numpy as np
 import pytest
 import torch
 
 import erm
 from erm import dispatch
 
-from .reference import endogenous_ref
+from .reference import endogenous_ref, response_logprob_ref, soft_value_ref
 
 BACKENDS = ["torch"] + (["triton"] if dispatch.backends()["triton"] else [])
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the backends run (the reference: CPU)
@@ -60,9 +61,8 @@ def test_response_reward_telescopes(alpha):
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[:, start:] = True
     r = erm.endogenous_rewards(logits, ids, response_mask=mask, alpha=alpha)
-    logp = torch.log_softmax(logits.double() / alpha, -1)
-    lp_y = sum(logp[:, j - 1].gather(-1, ids[:, j:j + 1]).squeeze(-1) for j in range(start, 10))
-    v1 = alpha * torch.logsumexp(logits.double()[:, start - 1] / alpha, -1)
+    lp_y = response_logprob_ref(logits, ids, start, alpha)
+    v1 = soft_value_ref(logits[:, start - 1], alpha)
     assert torch.allclose(r.sum(1).double(), alpha * lp_y + v1, atol=1e-4)
 
 
@@ -70,7 +70,7 @@ def test_soft_values_and_gradient():
     logits, ids = _inputs(b=2, t=4, v=17)
     z = logits.clone().requires_grad_(True)
     v = erm.soft_values(z, alpha=0.5)
-    assert torch.allclose(v.double(), 0.5 * torch.logsumexp(logits.double() / 0.5, -1), atol=1e-5)
+    assert torch.allclose(v.double(), soft_value_ref(logits, 0.5), atol=1e-5)
     (g,) = torch.autograd.grad(v.sum(), z)
     assert torch.allclose(g, torch.softmax(logits / 0.5, -1), atol=1e-6)  # dV/dz = softmax(z/α)
     r = erm.endogenous_rewards(z, ids)
@@ -94,3 +94,91 @@ def test_bad_input():
         erm.endogenous_rewards(logits[0], ids[0])
     with pytest.raises(ValueError, match="leading shape"):
         erm.endogenous_rewards(logits, ids[:, :3])
+
+
+@pytest.mark.parametrize("as_", [list, tuple, np.array, torch.tensor])
+def test_terminated_per_row_sequences(as_):
+    """terminated as a per-row list / tuple / NumPy array / tensor means what it says (a list of
+    False used to be truthy: every row terminated)."""
+    logits, ids = _inputs(b=2, t=6)
+    full = torch.ones(2, 6, dtype=torch.bool)
+    full[:, 0] = False
+    r = erm.endogenous_rewards(logits, ids, terminated=as_([False, True]))
+    assert torch.allclose(r.double(), endogenous_ref(logits, ids, full, terminated=torch.tensor(
+        [False, True])), atol=1e-4)
+    r_none = erm.endogenous_rewards(logits, ids, terminated=as_([False, False]))
+    assert torch.equal(r_none, erm.endogenous_rewards(logits, ids, terminated=False))
+
+
+@pytest.mark.parametrize("as_", [lambda m: m.tolist(), lambda m: m.numpy(), lambda m: m.int()])
+def test_response_mask_as_list_or_array(as_):
+    logits, ids = _inputs(b=2, t=6)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 2:] = True
+    mask[1, 3:5] = True
+    r = erm.endogenous_rewards(logits, ids, response_mask=as_(mask))
+    assert torch.equal(r, erm.endogenous_rewards(logits, ids, response_mask=mask))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(terminated=[True]), ValueError, "terminated"),
+    (dict(terminated=[True, False, True]), ValueError, "terminated"),
+    (dict(terminated=[[True, False]]), ValueError, "terminated"),
+    (dict(terminated=[0.5, 1.0]), TypeError, "terminated"),
+    (dict(terminated=[2, 0]), ValueError, "terminated"),
+    (dict(terminated="yes"), TypeError, "terminated"),
+    (dict(terminated=None), TypeError, "terminated"),
+    (dict(response_mask=[[False, True]] * 2), ValueError, "response_mask"),
+    (dict(response_mask=[[False, True, True, True], [False, True]]), TypeError, "response_mask"),
+    (dict(gamma=float("nan")), ValueError, "gamma"),
+    (dict(gamma=float("inf")), ValueError, "gamma"),
+    (dict(gamma=True), TypeError, "gamma"),
+    (dict(gamma="0.9"), TypeError, "gamma"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(alpha=1e-30), ValueError, "MIN_TEMPERATURE"),
+    (dict(backend="fast"), ValueError, "backend"),
+])
+def test_bad_reward_arguments(kw, exc, match):
+    logits, ids = _inputs(b=2, t=4)
+    with pytest.raises(exc, match=match):
+        erm.endogenous_rewards(logits, ids, **kw)
+
+
+def test_ids_checked_once_and_named(monkeypatch):
+    """Every id is range-checked (position 0 and the IGNORE_INDEX value too), once per call (one
+    device sync), and the message names input_ids without an internal sentinel."""
+    from erm import _checks
+    logits, ids = _inputs(b=2, t=5)
+    calls = []
+    real = _checks.check_target_range
+    monkeypatch.setattr(_checks, "check_target_range", lambda *a: calls.append(1) or real(*a))
+    erm.endogenous_rewards(logits, ids)
+    assert len(calls) == 1
+    for bad in ((0, 0, 61), (1, 3, -100), (0, 2, -1)):
+        b_ids = ids.clone()
+        b_ids[bad[0], bad[1]] = bad[2]
+        with pytest.raises(ValueError, match="input_ids") as info:
+            erm.endogenous_rewards(logits, b_ids)
+        assert "ignore_index" not in str(info.value) and "2**62" not in str(info.value)
+        assert str(2**62) not in str(info.value)
+
+
+def test_rewards_from_stats_matches_endogenous_rewards():
+    from erm.ops.endogenous import next_token_targets
+    logits, ids = _inputs(b=3, t=7)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 3:] = True
+    mask[1, 1:4] = True
+    mask[2, 5:] = True
+    term = [True, False, True]
+    nxt = next_token_targets(ids)
+    assert torch.equal(nxt[:, :-1], ids[:, 1:]) and (nxt[:, -1] == -100).all()
+    st = erm.token_stats(logits, nxt, temperature=0.7)
+    r = erm.rewards_from_stats(st, mask, term, alpha=0.7, gamma=0.9)
+    ref = erm.endogenous_rewards(logits, ids, response_mask=mask, terminated=term, alpha=0.7,
+                                 gamma=0.9)
+    assert torch.allclose(r, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="position 0"):
+        erm.rewards_from_stats(st, torch.ones(3, 7, dtype=torch.bool), True, alpha=0.7)
+    with pytest.raises(TypeError, match="stats"):
+        erm.rewards_from_stats(st.lse, mask, True, alpha=0.7)

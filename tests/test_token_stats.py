@@ -223,3 +223,93 @@ def test_bad_input(bad, exc, match, monkeypatch):
 def test_backends_report():
     b = erm.backends()
     assert b["torch"] is True and set(b) >= {"cuda", "triton", "torch"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.01, 1e-3, erm.constants.MIN_TEMPERATURE])
+def test_logprob_never_positive_at_low_temperature(backend, temperature):
+    """z/α − lse at a small α rounded to positive log-probs (2.4e-4 at α = 0.01 on Triton); the
+    centred form is ≤ 0 by construction and clamped."""
+    torch.manual_seed(9)
+    z = torch.randn(64, 300, device=DEV) * 3
+    t = z.argmax(-1)  # the likeliest token: its log-prob is the one closest to 0
+    st = erm.token_stats(z, t, temperature=temperature, entropy=True, backend=backend)
+    assert (st.logprob <= 0).all()
+    assert (st.entropy >= 0).all()
+    ref = token_stats_ref(z, t, temperature)
+    assert (st.logprob.double() - ref[0]).abs().max() < 1e-5 * (1 + ref[0].abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, -1e4, 3e4])
+def test_large_common_offset(backend, offset):
+    """Logits with a large common offset: computed as z/α − lse they lose the digits of z below
+    its float32 ulp (4.6e-4 at 1e4); centred on the row max they are as accurate as at offset 0,
+    and the gradient as accurate as torch.log_softmax's."""
+    torch.manual_seed(10)
+    base = torch.randn(32, 500, device=DEV) * 3
+    z = base + offset
+    t = torch.randint(0, 500, (32,), device=DEV)
+    zz = z.clone().requires_grad_(True)
+    st = erm.token_stats(zz, t, temperature=0.8, entropy=True, backend=backend)
+    zr = z.double().requires_grad_(True)
+    ref = token_stats_ref(zr, t, 0.8)
+    assert (st.logprob.double() - ref[0]).abs().max() < 2e-6
+    assert (st.entropy.double() - ref[3]).abs().max() < 2e-6
+    w = torch.randn(32, device=DEV)
+    (g,) = torch.autograd.grad((st.logprob * w).sum() + st.entropy.sum(), zz)
+    (gr,) = torch.autograd.grad((ref[0] * w.double()).sum() + ref[3].sum(), zr)
+    zl = z.clone().requires_grad_(True)
+    lsm = torch.log_softmax(zl / 0.8, -1)
+    ent = -(lsm.exp() * lsm).sum(-1)
+    (gl,) = torch.autograd.grad((lsm.gather(1, t[:, None]).squeeze(1) * w).sum() + ent.sum(), zl)
+    assert (g.double() - gr).abs().max() <= 3 * (gl.double() - gr).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_and_huge_logits(backend):
+    """The documented semantics, alike on every backend: finite logits up to the float32 max do
+    not overflow; +inf entries share the mass; an all −inf row has lse −inf and NaN statistics."""
+    inf, big = float("inf"), 3.4e38
+    z = torch.tensor([[3e38, -3e38, 1.0, 0.0, -big],
+                      [inf, 1.0, inf, 0.0, -inf],
+                      [inf, 1.0, inf, 0.0, -inf],
+                      [big, big, -big, 0.0, 1.0],
+                      [-inf, -inf, -inf, -inf, -inf],
+                      [-inf, 2.0, -inf, -inf, -inf]], device=DEV)
+    t = torch.tensor([0, 2, 1, 1, -100, 1], device=DEV)
+    zz = z.clone().requires_grad_(True)
+    st = erm.token_stats(zz, t, entropy=True, backend=backend)
+    log2 = torch.log(torch.tensor(2.0)).item()
+    expect_lp = [0.0, -log2, -inf, -log2, 0.0, 0.0]
+    expect_ent = [0.0, log2, log2, log2, float("nan"), 0.0]
+    expect_lse = [3e38, inf, inf, big + log2, -inf, 2.0]
+    for got, want in ((st.logprob, expect_lp), (st.entropy, expect_ent), (st.lse, expect_lse)):
+        want = torch.tensor(want, device=DEV)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True), (got, want)
+    assert (st.target_logit[:4] == z[torch.arange(4), t[:4]]).all()
+    (g,) = torch.autograd.grad(st.logprob[:4].sum() + st.lse[5] + st.entropy[:4].sum(), zz)
+    assert torch.isfinite(g[:4]).all() and torch.isfinite(g[5]).all()
+    assert g[1, 0] == -0.5 and g[1, 2] == 0.5 and (g[1, [1, 3, 4]] == 0).all()  # +inf share p
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ignore_index=True), TypeError, "ignore_index"),
+    (dict(ignore_index=None), TypeError, "ignore_index"),
+    (dict(ignore_index=2**70), ValueError, "int64"),
+    (dict(temperature=float("inf")), ValueError, "> 0"),
+    (dict(temperature=1e-30), ValueError, "MIN_TEMPERATURE"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(temperature=True), TypeError, "temperature"),
+    (dict(entropy="yes"), TypeError, "entropy"),
+    (dict(entropy=1), TypeError, "entropy"),
+    (dict(backend=None), ValueError, "backend"),
+])
+def test_bad_arguments(bad, exc, match, monkeypatch):
+    """Every argument is validated (type, range, finiteness) before any kernel runs."""
+    launched = []
+    monkeypatch.setattr(torch_impl, "forward", lambda *a, **k: launched.append(1))
+    with pytest.raises(exc, match=match):
+        erm.token_stats(torch.randn(2, 50), torch.tensor([0, 1]), **bad)
+    assert not launched
