@@ -123,6 +123,7 @@ setup(
         "plot": ["matplotlib"],
         "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy"],
         "test": ["pytest", "pytest-benchmark"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={"console_scripts": ["erm=erm.cli:main"]},
     ext_modules=ext_modules,
