@@ -357,6 +357,13 @@ class SentenceRM(nn.Module):
                 f"{self.max_length} (first: {what} {cut[0]})", cut), stacklevel=3)
         return out
 
+    def check_pair(self, prompt: Prompt, response: str, *, system_prompt: Optional[str] = None,
+                   truncate: bool = True) -> None:
+        """Raise the TypeError / ValueError `score` would raise for this pair, without running
+        the model (a malformed prompt, an empty response or one without sentences, one that
+        does not fit, a cut context with truncate=False)."""
+        self.encode_many([prompt], [response], system_prompt=system_prompt, truncate=truncate)
+
     # ------------------------------------------------------------------ forward
     def marker_states(self, examples: Sequence[_Example]) -> List[Tensor]:
         """One backbone forward over a right-padded batch: per example the (K+1, D) hidden

@@ -228,6 +228,9 @@ def test_bad_input_errors(tiny):
     rm = make_rm(tiny)
     with pytest.raises(ValueError, match="pair 1: empty response"):
         rm.score(["Q", "Q"], ["Fine.", "   "])
+    with pytest.raises(ValueError, match="empty response"):
+        rm.check_pair("Q", "\t")
+    rm.check_pair("Q", "Fine.")
     with pytest.raises(ValueError, match="no sentences"):
         sentence_markers(" \n ", [(0, 1)])
     with pytest.raises(TypeError, match="responses must be"):
