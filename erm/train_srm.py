@@ -350,6 +350,10 @@ def _group_size(batches, j: int, grad_accum: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ CLI
+_DESCRIPTION = ("Train a sentence-level reward model (erm.SentenceRM: value head on sentence "
+                "markers, attention/sum/last aggregation) with the Bradley-Terry loss on "
+                "preference pairs, print the held-out accuracy after each epoch and save it "
+                "to --out (load with erm.SentenceRM.from_pretrained).")
 def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="FILE",
                    help="training pairs, JSONL ({prompt, chosen, rejected}, RewardBench/TRL "
@@ -368,15 +372,21 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-lr", type=float, metavar="LR",
                    help="head/aggregator learning rate (1e-3 frozen, else --lr)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="pairs per batch")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--l2-reward", type=float, default=0.0, help="L2 penalty on R")
-    p.add_argument("--attn-dim", type=int, default=256, metavar="D")
-    p.add_argument("--max-length", type=int, default=2048, metavar="N")
-    p.add_argument("--system-prompt", metavar="TEXT")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="batches per optimizer step (1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="AdamW (0)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, metavar="F",
+                   help="share of the steps of linear warm-up before the cosine decay (0.1)")
+    p.add_argument("--l2-reward", type=float, default=0.0, metavar="W",
+                   help="weight of an L2 penalty on R (0)")
+    p.add_argument("--attn-dim", type=int, default=256, metavar="D",
+                   help="query/key dimension of the attention aggregator (256)")
+    p.add_argument("--max-length", type=int, default=2048, metavar="N",
+                   help="longest sequence in tokens; longer prompts are cut from the left")
+    p.add_argument("--system-prompt", metavar="TEXT", help="system message in every context")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward")
+    p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
 
@@ -429,7 +439,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     rm=None)`)."""
     p = subparsers.add_parser("train-srm", help="train a sentence-level reward model "
                                                 "(erm.SentenceRM) on preference pairs",
-                              description=__doc__.split("\n\n")[0])
+                              description=_DESCRIPTION)
     _flags(p)
     p.set_defaults(func=cmd_train_srm)
     return p
@@ -437,8 +447,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`python -m erm.train_srm --data ... --out ...`."""
-    p = argparse.ArgumentParser(prog="python -m erm.train_srm",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m erm.train_srm", description=_DESCRIPTION)
     _flags(p)
     p.add_argument("-q", "--quiet", action="store_true")
     return cmd_train_srm(p.parse_args(argv))
