@@ -2,11 +2,17 @@
 
     python benches/bench_token_stats.py                     # N=8192, V=151936, bf16 on the GPU
     python benches/bench_token_stats.py --device cpu --n 256 --v 32000 --dtype float32   # smoke
+    python benches/bench_token_stats.py --device cpu --n 2048 --v 49152 --dtype float32 \
+        --threads 2 --reps 9                                # the CPU path (torch backend)
 
 Floors, measured in the same run: forward = reading the logits once at the measured copy
 bandwidth; forward+backward = three passes over the logits (read, read, write the gradient).
 Every op computes logprob, lse and entropy per token (the peers that cannot do entropy,
 Liger cross-entropy, are timed on what they do compute and marked). Median of --reps runs.
+
+On CPU it also prints the torch backend's forward (with entropy) against one torch.exp pass over
+the same logits (out= a preallocated tensor): the cost of touching every logit once with a
+transcendental, the natural yardstick of a memory-and-exp-bound CPU op.
 """
 import argparse
 import datetime
@@ -45,10 +51,37 @@ def make_cases(device, with_compile=True):
     return cases
 
 
+def cpu_report(z, t, reps, with_compile):
+    """CPU: erm.token_stats (torch backend, entropy) vs one torch.exp pass (and a compiled
+    lse + logprob + entropy, when asked); prints a small table, returns {name: ms}."""
+    out = torch.empty_like(z, dtype=torch.float32)
+    cases = {"torch.exp pass (out=)": lambda: torch.exp(z, out=out),
+             "erm.token_stats (torch, entropy)":
+                 lambda: erm.token_stats(z, t, entropy=True, backend="torch"),
+             "erm.token_stats (torch)": lambda: erm.token_stats(z, t, backend="torch")}
+    if with_compile:
+        compiled = torch.compile(eager_stats, dynamic=False)
+        cases["torch.compile(lse, logprob, entropy)"] = lambda: compiled(z, t)
+    ms = {}
+    with torch.no_grad():
+        for name, fn in cases.items():
+            ms[name] = time_ms(fn, z.device, warmup=2, reps=reps)
+    base = ms["torch.exp pass (out=)"]
+    print(f"\nCPU, {torch.get_num_threads()} threads, N={z.shape[0]}, V={z.shape[1]}, {z.dtype}; "
+          f"median of {reps}")
+    print("| op | ms | / exp pass |\n|---|---:|---:|")
+    for name, v in ms.items():
+        print(f"| {name} | {v:.1f} | {v / base:.2f}x |")
+    return ms
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, reps=50)
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = bench_device(args.device, "bench_token_stats")
     if dev is None:
         return []
@@ -83,9 +116,13 @@ def main(argv=None):
             print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
         rows.append(dict(name=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms, extra_mib=mem))
+    if dev.type == "cpu":
+        cpu_ms = cpu_report(z, t, args.reps, not args.no_compile)
     meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n, v=args.v,
                 dtype=args.dtype, copy_gbps=bw / 1e6, floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb,
                 torch=torch.__version__, reps=args.reps)
+    if dev.type == "cpu":
+        meta["cpu_ms"] = cpu_ms
     header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, V={args.v}, {args.dtype}; copy "
               f"{meta['copy_gbps']:.0f} GB/s; floors: fwd {floor_f:.3f} ms (read once), fwd+bwd "
           f"{floor_fb:.3f} ms (three passes); median of {args.reps}")
