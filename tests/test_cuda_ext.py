@@ -25,6 +25,8 @@ import torch
 import erm
 from erm import dispatch
 
+from .reference import token_stats_ref
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 JIT_NAME = "erm_C_jit"
@@ -260,9 +262,9 @@ def _weights(shape, seed=1):
 
 
 def _reference(logits, targets, alpha, weights):
-    """float64 outputs and gradient of loss = Σ_k w_k·out_k (torch backend)."""
+    """float64 outputs and gradient of loss = Σ_k w_k·out_k (tests/reference.py)."""
     z = logits.detach().double().requires_grad_(True)
-    st = erm.token_stats(z, targets, temperature=alpha, entropy=True, backend="torch")
+    st = token_stats_ref(z, targets, alpha)
     loss = sum((w * o).sum() for w, o in zip(weights, st))
     (g,) = torch.autograd.grad(loss, z)
     return [o.detach() for o in st], g
