@@ -473,8 +473,8 @@ def _uvicorn_server(app, log_level: str):
 
 def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
           announce: Optional[Callable[[str], None]] = None, **kwargs) -> int:
-    """Serve `rm` (an EndoRM, a callable returning one, or a `RewardServer`) until SIGTERM / Ctrl-C; returns the exit
-    status (1 when the model failed to load). `announce(url)` is called once the port is bound
+    """Serve `rm` (an EndoRM, a callable returning one, or a `RewardServer`) until SIGTERM /
+    Ctrl-C; returns the exit status (1 when the model failed to load). `announce(url)` is called once the port is bound
     (port 0 picks a free one). Other keyword arguments as in `RewardServer`."""
     server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
     app = make_app(server)
@@ -508,8 +508,8 @@ def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "wa
 
 @contextlib.contextmanager
 def running(rm, *, host: str = "127.0.0.1", timeout: float = 60.0, **kwargs):
-    """Serve `rm` (as in `serve`) on a free port of `host` in a background thread; yields the base URL
-    ("http://127.0.0.1:PORT") once /health answers 200, and shuts the server down (draining
+    """Serve `rm` (as in `serve`) on a free port of `host` in a background thread; yields the
+    base URL ("http://127.0.0.1:PORT") once /health answers 200, and shuts the server down (draining
     requests in flight) on exit. Keyword arguments as in `RewardServer`."""
     server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
     app = make_app(server)

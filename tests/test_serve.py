@@ -144,7 +144,8 @@ def test_a_bad_pair_fails_only_its_own_request(rm):
         a, b, c = asyncio.run(go())
     assert srv.batches == 1
     assert [a.status_code, b.status_code, c.status_code] == [200, 422, 200]
-    assert _close(a.json()["rewards"] + c.json()["rewards"], rm.score(["a", "c"], ["b", "d"]).tolist())
+    want = rm.score(["a", "c"], ["b", "d"]).tolist()
+    assert _close(a.json()["rewards"] + c.json()["rewards"], want)
 
 
 def test_cli_parser():

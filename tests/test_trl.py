@@ -115,7 +115,8 @@ def test_use_erm_logprobs_matches_the_stock_grpo_trainer(tmp_path, monkeypatch):
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     inputs = trainer._generate_and_score_completions([ds[i] for i in range(4) for _ in range(2)])
-    inputs["advantages"] = torch.randn(inputs["advantages"].shape, generator=torch.Generator().manual_seed(0))
+    inputs["advantages"] = torch.randn(inputs["advantages"].shape,
+                                       generator=torch.Generator().manual_seed(0))
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     keep = inputs["completion_ids"].size(1)
@@ -218,7 +219,8 @@ def test_trl_selective_log_softmax(dtype):
     vocab_size, batch_size, seq_len = 1024, 4, 32
     input_ids = torch.randint(low=0, high=vocab_size, size=(batch_size, seq_len))
     logits = torch.randn(batch_size, seq_len, vocab_size, dtype=dtype)
-    expected = torch.gather(logits.log_softmax(-1), dim=-1, index=input_ids.unsqueeze(-1)).squeeze(-1)
+    expected = torch.gather(logits.log_softmax(-1), dim=-1,
+                            index=input_ids.unsqueeze(-1)).squeeze(-1)
     actual = selective_log_softmax(logits, input_ids)
     assert actual.dtype == dtype
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
