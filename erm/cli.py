@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from .evaluate import METHODS
+from .evaluate import DEFAULT_METHODS, METHODS
 
 EXIT_USAGE = 2
 
@@ -489,8 +489,9 @@ def _add_eval(sub):
                                                         "scores) as JSON")
     p.add_argument("--plot", metavar="REPORT.png", help="write a grouped bar chart")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
-    p.add_argument("--methods", default=",".join(METHODS), metavar="M1,M2",
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2",
+                   help=f"comma-separated subset of {','.join(METHODS)} "
+                        f"(default: {','.join(DEFAULT_METHODS)})")
     _verbose_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_eval)

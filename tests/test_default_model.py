@@ -30,7 +30,7 @@ def test_tokenizer_and_template(rm):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    enc = rm._encode(Q, "Paris.", None)
+    enc = rm.encode(Q, "Paris.")
     assert tok.decode(enc.ids[-enc.n_resp:]) == "Paris.<|im_end|>"
     assert rm.model.config.eos_token_id == 2
     assert getattr(rm.model.config, "quantization_config", None) is None
