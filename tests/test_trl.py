@@ -43,6 +43,14 @@ def test_standard_and_conversational_formats_match_endorm(rm):
                                              system_prompt="Be brief.").tolist(), rel=1e-6,
                                     abs=1e-5)
     assert endogenous_reward_func(rm)(["x"], [""]) == [None]
+    # TRL's log_metric hook gets the mean reward per token and the truncated fraction
+    logged = {}
+    f(prompts, comps, completion_ids=[[7, end], [9, 10]],
+      log_metric=lambda k, v: logged.setdefault(k, v))
+    n_tok = rm.response_rewards(prompts, comps, terminated=[True, False])[1]
+    per_tok = (torch.tensor(want, dtype=torch.float64) / n_tok).mean().item()
+    assert logged["endogenous_reward/truncated"] == 0.5
+    assert logged["endogenous_reward/per_token"] == pytest.approx(per_tok, rel=1e-5)
 
 
 def test_wraps_a_model_object():
