@@ -51,6 +51,8 @@ def start_server(model, args):
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
     if model:
         cmd += ["--model", model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     url, t0 = None, time.monotonic()
@@ -118,6 +120,7 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=64, help="requests per level (default 64)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, help="the server's torch threads (erm serve --threads)")
     ap.add_argument("--load-timeout", type=float, default=600.0)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -133,12 +136,13 @@ def main(argv=None):
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
     result = {"model": label, "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
-              "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+              "threads": args.threads, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
               "server_ready_s": ready_s, "server_exit": rc, "levels": rows}
-    path = os.path.join(args.out, f"bench_serve_{label}.json")
+    path = os.path.join(args.out, f"bench_serve_{label}_t{args.threads or 'default'}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"erm serve, model {label}, {result['device']}, max batch {args.max_batch_size}, "
+    print(f"erm serve, model {label}, {result['device']}, threads {args.threads or 'default'}, "
+          f"max batch {args.max_batch_size}, "
           f"wait {args.max_wait_ms} ms, {args.requests} one-pair requests per level")
     print("| clients | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|")

@@ -285,10 +285,14 @@ class RewardServer:
         max_wait_ms: how long the first request of a batch waits for others.
         reduction: reduction of `/get_reward` ("sum" or "mean").
         truncate: cut prompts longer than the model's max_length from the left (False: 422).
+        threads: torch intra-op threads of the worker (None: torch's default). On a CPU shared
+            with other jobs, 1 avoids OpenMP threads waiting on each other (measured on a busy
+            2-core machine: 0.15 s per SmolLM2-135M pair with 1 thread, 4 s with 2).
     """
 
     def __init__(self, rm, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 reduction: str = "sum", truncate: bool = True, name: Optional[str] = None):
+                 reduction: str = "sum", truncate: bool = True, name: Optional[str] = None,
+                 threads: Optional[int] = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) \
                 or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -303,6 +307,7 @@ class RewardServer:
         self.reduction = reduction
         self.truncate = truncate
         self.name = name
+        self.threads = threads
         self.load_error: Optional[BaseException] = None
         self.on_load_error: Optional[Callable[[BaseException], None]] = None
         self.batches = 0          # batches scored (for tests and logs)
@@ -318,6 +323,9 @@ class RewardServer:
         return r is not None and r.done() and not r.cancelled() and r.exception() is None
 
     def _load(self):
+        if self.threads:
+            import torch
+            torch.set_num_threads(self.threads)  # in the worker, which runs every forward
         if self.rm is None:
             self.rm = self._source()
         self._scorer = _Scorer(self.rm, self.max_batch_size, self.reduction, self.truncate)
@@ -456,8 +464,11 @@ def make_app(rm, **kwargs):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so (with
+    # proto 0 each response's body waited ~40 ms for the client's delayed ACK of its headers)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
@@ -592,6 +603,9 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="how long a request waits for others to batch with (default 5)")
     s.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="reduction of /get_reward (OpenRLHF) rewards (default sum)")
+    s.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads of the scoring worker (default: torch's choice; 1 on "
+                        "a CPU shared with other jobs)")
     s.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level (default warning; debug logs every request)")
@@ -633,7 +647,8 @@ def _run(args, rm=None) -> int:
     try:
         return serve(source, args.host, args.port, log_level=args.log_level, announce=announce,
                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     reduction=args.reduction, truncate=not args.no_truncate, name=name)
+                     reduction=args.reduction, truncate=not args.no_truncate, name=name,
+                     threads=args.threads)
     except OSError as exc:
         print(f"erm serve: error: cannot listen on {args.host}:{args.port}: {exc}",
               file=sys.stderr)
