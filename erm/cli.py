@@ -362,9 +362,49 @@ def _evaluate(args, rm, pairs, methods):
     return report, note
 
 
+def _eval_rewardbench(args, rm, methods) -> int:
+    """`erm eval` on a RewardBench v1/v2 file: its section (v1) or best-of-N (v2) scores."""
+    from . import rewardbench
+    if args.plot:
+        raise CLIError("--plot is not available for RewardBench data")
+    if set(methods) - {"endorm_sum", "endorm_mean"}:
+        methods = ["endorm_sum"]  # RewardBench scores one reward model: EndoRM (sum) unless mean
+    data = rewardbench.load(args.data)
+    if args.limit is not None:
+        data.items = data.items[:args.limit]
+    rm = _load_rm(args, rm)
+    label = _model_label(args, rm)
+    rep, truncated = _run_scoring(lambda: rewardbench.evaluate(
+        rm, data, reduction="mean" if methods == ["endorm_mean"] else "sum",
+        system_prompt=args.system_prompt, progress=not args.quiet,
+        truncate=not args.no_truncate, model=label), [], str(args.data))
+    print(f"erm eval: RewardBench {rep['version']} file {args.data}, model {label}")
+    print(rewardbench.format_table(rep))
+    if truncated:
+        print(f"{len(truncated)} prompt(s) cut from the left to fit --max-length")
+    if args.out:
+        with _atomic_output(args.out) as tmp:
+            if args.format == "rewardbench":
+                rewardbench.write_rewardbench_json(rep, tmp, model=label)
+            else:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(rep, f, indent=1, ensure_ascii=False)
+        _log(args, f"wrote {args.out}")
+    return 0
+
+
 def cmd_eval(args, rm=None) -> int:
-    """`erm eval`: preference accuracy of EndoRM (sum, mean), the Yes/No judge and length."""
+    """`erm eval`: preference accuracy of EndoRM (sum, mean), the Yes/No judge and length; on
+    RewardBench v1/v2 files, RewardBench's section or best-of-N scores."""
+    from . import rewardbench
     from .evaluate import format_table, plot_report
+    if args.data is not None and rewardbench.is_rewardbench(args.data):
+        _check_model_options(args)
+        if args.out:
+            _check_not_input(args.data, _check_out(args.out), "--out")
+        return _eval_rewardbench(args, rm, [m.strip() for m in args.methods.split(",")])
+    if args.format == "rewardbench":
+        raise CLIError("--format rewardbench needs a RewardBench v1/v2 file as --data")
     data, pairs, methods = _eval_inputs(args)
     needs_model = any(m != "length" for m in methods)
     rm = _load_rm(args, rm) if needs_model else rm
@@ -492,6 +532,9 @@ def _add_eval(sub):
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2",
                    help=f"comma-separated subset of {','.join(METHODS)} "
                         f"(default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--format", choices=("erm", "rewardbench"), default="erm",
+                   help="layout of --out for RewardBench data: erm's report (default) or "
+                        "RewardBench's results JSON")
     _verbose_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_eval)
@@ -511,7 +554,8 @@ def _add_show(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the `erm` command: score, eval, show and rl (erm/rl.py)."""
+    """The argparse parser of the `erm` command: score, eval, show, rl (erm/rl.py) and serve
+    (erm/serve.py)."""
     parser = argparse.ArgumentParser(
         prog="erm", description="Endogenous reward models: any causal LM as a reward model, "
                                 "no training.")
@@ -524,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_show(sub)
     from .rl import add_parser as add_rl_parser
-    add_rl_parser(sub)  # its handler is func(args, rm=None) like the others
+    from .serve import add_parser as add_serve_parser
+    add_rl_parser(sub)  # their handlers are func(args, rm=None) like the others
+    add_serve_parser(sub)
     return parser
 
 

@@ -474,3 +474,31 @@ def test_rl_is_a_built_in_subcommand():
     assert not hasattr(cli, "EXTRA_COMMANDS")
     args = cli.build_parser().parse_args(["rl", "--steps", "1"])
     assert args.command == "rl" and args.func.__module__ == rl.__name__
+
+
+# ------------------------------------------------------------------------------ rewardbench
+def test_eval_rewardbench_v1_file(tmp_path, model_dir, capsys):
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i}.",
+             "chosen_model": "x", "rejected_model": "y", "subset": s, "id": i}
+            for i, s in enumerate(["alpacaeval-easy", "mt-bench-med", "math-prm",
+                                   "refusals-dangerous"])]
+    data = _jsonl(tmp_path / "rb.jsonl", rows)
+    out = tmp_path / "results.json"
+    rc, printed, err = _run(["eval", "--data", str(data), "--model", model_dir, "--out", str(out),
+                             "--format", "rewardbench"], capsys)
+    assert rc == 0, err
+    assert "RewardBench v1" in printed
+    for section in ("Chat", "Reasoning", "Safety", "Score"):
+        assert section in printed
+    res = json.loads(out.read_text())
+    assert res["model"] == model_dir and "alpacaeval-easy" in res
+    assert all(0 <= res[s] <= 1 for s in ("alpacaeval-easy", "mt-bench-med", "math-prm"))
+    rc, _, err = _run(["eval", "--data", str(_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": "b", "rejected": "c"}])), "--format", "rewardbench",
+        "--methods", "length"], capsys)
+    assert rc == 2 and "RewardBench" in err
+
+
+def test_serve_is_registered():
+    args = cli.build_parser().parse_args(["serve", "--port", "8123"])
+    assert args.command == "serve" and args.port == 8123 and callable(args.func)
