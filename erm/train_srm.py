@@ -412,7 +412,10 @@ def cmd_train_srm(args, rm=None) -> int:
     elif args.model:
         model = args.model
 
+    epochs = []
+
     def report(e):
+        epochs.append(e)
         ev = (f", eval accuracy {100 * e['eval_accuracy']:.1f}% ({len(held)} pairs), eval loss "
               f"{e['eval_loss']:.4f}" if "eval_accuracy" in e else "")
         print(f"epoch {e['epoch']}/{args.epochs}: train loss {e['loss']:.4f}{ev}", flush=True)
@@ -426,9 +429,9 @@ def cmd_train_srm(args, rm=None) -> int:
         l2_reward=args.l2_reward, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, out=out, progress=not quiet, device=args.device, on_epoch=report,
         attn_dim=args.attn_dim, max_length=args.max_length, system_prompt=args.system_prompt)
-    last = history[-1] if history else {}
+    last = epochs[-1] if epochs else {}
     print(json.dumps({"out": str(out), "pairs": len(train), "steps": len(history),
-                      "final_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
+                      "train_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
                       "aggregate": args.aggregate, "freeze_backbone": args.freeze_backbone,
                       "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
