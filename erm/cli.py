@@ -71,6 +71,41 @@ def _load_rm(args, rm=None):
     return out
 
 
+def _load_srm(args):
+    """A trained `erm.SentenceRM` when --model is a directory saved by `erm train-srm`, else
+    None."""
+    from .sentence_rm import SentenceRM, is_sentence_rm_dir
+    model = getattr(args, "model", None)
+    if not model or not is_sentence_rm_dir(model):
+        return None
+    try:
+        return SentenceRM.from_pretrained(model, device=getattr(args, "device", None),
+                                          dtype=getattr(args, "dtype", None))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot load the SentenceRM in {model}: {exc}") from None
+
+
+def _load_eval_models(args, rm, methods):
+    """(EndoRM or None, SentenceRM or None, methods) for `erm eval`: a SentenceRM saved in
+    --model adds its column beside the EndoRM of its base model (sharing the backbone when it
+    was not trained)."""
+    from .sentence_rm import is_sentence_rm_dir, load_for_eval
+    model = getattr(args, "model", None)
+    if rm is not None or not model or not is_sentence_rm_dir(model):
+        needs_model = any(m != "length" for m in methods)
+        return (_load_rm(args, rm) if needs_model else rm), None, methods
+    kwargs = {k: getattr(args, k) for k in ("system_prompt", "batch_size", "max_length")
+              if getattr(args, k, None)}
+    try:
+        endo, srm = load_for_eval(model, device=args.device, dtype=args.dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot load the SentenceRM in {model}: {exc}") from None
+    methods = methods + ["srm"] if "srm" not in methods else methods
+    if endo is None:  # a fine-tuned backbone whose base model cannot be named
+        methods = [m for m in methods if m in ("srm", "length")]
+    return endo, srm, methods
+
+
 def _log(args, msg):
     if not getattr(args, "quiet", False):
         print(f"erm: {msg}", file=sys.stderr)
@@ -344,14 +379,14 @@ def _eval_inputs(args):
     return data, pairs, methods
 
 
-def _evaluate(args, rm, pairs, methods):
+def _evaluate(args, rm, pairs, methods, srm=None):
     """evaluate() with the pairs checked first and its truncation warnings mapped to lines."""
     from .evaluate import evaluate
     if rm is not None and any(m != "length" for m in methods):
         _check_pairs(rm, [(p.where, p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)],
                      system_prompt=args.system_prompt, no_truncate=args.no_truncate)
     kwargs = {"methods": methods, "progress": not args.quiet,
-              "system_prompt": args.system_prompt}
+              "system_prompt": args.system_prompt, "srm": srm}
     if args.no_truncate:
         kwargs["truncate"] = False
     n = len(pairs)
@@ -406,12 +441,12 @@ def cmd_eval(args, rm=None) -> int:
     if args.format == "rewardbench":
         raise CLIError("--format rewardbench needs a RewardBench v1/v2 file as --data")
     data, pairs, methods = _eval_inputs(args)
-    needs_model = any(m != "length" for m in methods)
-    rm = _load_rm(args, rm) if needs_model else rm
+    rm, srm, methods = _load_eval_models(args, rm, methods)
     t0 = time.perf_counter()
-    report, note = _evaluate(args, rm, pairs, methods)
+    report, note = _evaluate(args, rm, pairs, methods, srm)
     wall = time.perf_counter() - t0
-    label = _model_label(args, rm) if rm is not None else "(none: length only)"
+    label = _model_label(args, rm) if rm is not None or srm is not None \
+        else "(none: length only)"
     source = "built-in sample" if args.data is None else args.data
     report.update({"model": label, "data": str(source), "seconds": wall})
     print(f"erm eval: {report['n']} pairs from {'the ' if args.data is None else ''}{source}, "
@@ -446,7 +481,7 @@ def cmd_show(args, rm=None) -> int:
         raise CLIError("give --prompt (or --prompt-file) and --response (or --response-file)")
     if not response.strip():
         raise CLIError("the response is empty")
-    rm = _load_rm(args, rm)
+    rm = (_load_srm(args) if rm is None else None) or _load_rm(args, rm)
     with _atomic_output(out) as tmp:
         show(rm, prompt, response, tmp)
     _log(args, f"wrote {out}")
@@ -554,8 +589,8 @@ def _add_show(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the `erm` command: score, eval, show, rl (erm/rl.py) and serve
-    (erm/serve.py)."""
+    """The argparse parser of the `erm` command: score, eval, show, rl (erm/rl.py), serve
+    (erm/serve.py) and train-srm (erm/train_srm.py)."""
     parser = argparse.ArgumentParser(
         prog="erm", description="Endogenous reward models: any causal LM as a reward model, "
                                 "no training.")
@@ -569,8 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(sub)
     from .rl import add_parser as add_rl_parser
     from .serve import add_parser as add_serve_parser
+    from .train_srm import add_parser as add_srm_parser
     add_rl_parser(sub)  # their handlers are func(args, rm=None) like the others
     add_serve_parser(sub)
+    add_srm_parser(sub)
     return parser
 
 

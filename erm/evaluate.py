@@ -365,12 +365,18 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
+def _no_cut(truncate: bool) -> dict:
+    """Keyword arguments that ask a scorer not to cut prompts (none by default, so stand-in
+    scorers without a `truncate` argument keep working)."""
+    return {} if truncate else {"truncate": False}
+
+
 def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progress, batch_size,
-                   cache: dict):
+                   cache: dict, truncate: bool = True):
     if method in ("endorm_sum", "endorm_mean"):
         if "endorm" not in cache:  # one forward serves both reductions
             cache["endorm"] = rm.response_rewards(prompts, responses, system_prompt=system_prompt,
-                                                  progress=progress)
+                                                  progress=progress, **_no_cut(truncate))
         sums, lengths = cache["endorm"]
         out = sums.double() if method == "endorm_sum" else sums.double() / lengths
         return [float(x) for x in out.tolist()]
@@ -382,13 +388,13 @@ def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progre
         return [float(len(r)) for r in responses]
     if method == "srm":
         out = cache["srm_model"].score(prompts, responses, system_prompt=system_prompt,
-                                       progress=progress)
+                                       progress=progress, **_no_cut(truncate))
         return [float(x) for x in out.tolist()]
     raise AssertionError(method)
 
 
 def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: bool = True,
-             system_prompt=None, batch_size=None, srm=None) -> dict:
+             system_prompt=None, batch_size=None, srm=None, truncate: bool = True) -> dict:
     """Preference accuracy of several scoring methods, side by side on the same model.
 
     Args:
@@ -399,6 +405,7 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
         system_prompt: passed to `rm.score` (None: the model's own).
         batch_size: batch size of the judge (default `rm.batch_size`, else 8).
         srm: the `erm.SentenceRM` that method "srm" scores with (default: `rm` when it is one).
+        truncate: False makes a prompt too long for max_length an error instead of a cut.
 
     Returns:
         A JSON-serialisable dict::
@@ -445,7 +452,8 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
     for m in methods:
         t0 = time.perf_counter()
         scores = _method_scores(rm, m, prompts, responses, system_prompt=system_prompt,
-                                progress=progress, batch_size=batch_size, cache=cache)
+                                progress=progress, batch_size=batch_size, cache=cache,
+                                truncate=truncate)
         seconds = time.perf_counter() - t0
         outcomes = [_outcome(scores[i], scores[n + i]) for i in range(n)]
         by_subset = {s: sum(o for o, p in zip(outcomes, pairs) if p.subset == s) / counts[s]

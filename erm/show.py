@@ -106,8 +106,9 @@ def render_html(prompt, response: str, token_rewards, sentences, *, vmax: Option
             spans.append(esc(text))
             continue
         rgb = color(rewards[j], vmax)
-        tip = (f"token {j}: {tr.tokens[j]!r}\nreward {rewards[j]:+.4f}\nlogprob {logprobs[j]:.4f}"
-               f"\nvalue {values[j]:.4f}")
+        unit, second = getattr(tr, "labels", ("token", "logprob"))
+        tip = (f"{unit} {j}: {tr.tokens[j]!r}\nreward {rewards[j]:+.4f}\n{second} "
+               f"{logprobs[j]:.4f}\nvalue {values[j]:.4f}")
         cls = "tok special" if special else "tok"
         spans.append(f'<span class="{cls}" style="background:{_hex(rgb)};color:{_ink(rgb)}" '
                      f'title="{esc(tip)}">{esc(text)}</span>')
@@ -465,16 +466,37 @@ def render_png(prompt, response: str, token_rewards, sentences, path, *,
         plt.close(fig)
 
 
+def sentence_view(srm, prompt, response: str):
+    """(TokenRewards, [SentenceReward]) of a trained `erm.SentenceRM`, which scores sentences
+    and not tokens: each sentence is one coloured span with its reward r_k, its weight in the
+    response score (shown where a token shows its log-prob) and its value v(end_k)."""
+    import torch
+
+    from .model import SentenceReward, TokenRewards
+
+    ss = srm.sentence_rewards(prompt, response)
+    tensor = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    tr = TokenRewards(tokens=[x.text for x in ss], offsets=[(x.start, x.end) for x in ss],
+                      rewards=tensor([x.reward for x in ss]),
+                      logprobs=tensor([x.weight for x in ss]),
+                      values=tensor([x.value for x in ss]))
+    tr.labels = ("sentence", "weight")
+    return tr, [SentenceReward(x.text, x.start, x.end, x.reward, x.n_tokens) for x in ss]
+
+
 def show(rm, prompt, response: str, out, *, vmax: Optional[float] = None) -> Path:
-    """Compute the token and sentence rewards of `response` with `rm` (an `erm.EndoRM`) and write
-    them to `out`: ``.html``/``.htm`` (self-contained page) or ``.png``/``.svg``/``.pdf``
-    (matplotlib). Returns the path written."""
+    """Compute the token and sentence rewards of `response` with `rm` and write them to `out`:
+    ``.html``/``.htm`` (self-contained page) or ``.png``/``.svg``/``.pdf`` (matplotlib).
+    `rm` is an `erm.EndoRM` (tokens coloured by reward) or an `erm.SentenceRM` (sentences
+    coloured by reward, `sentence_view`). Returns the path written."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".html", ".htm", ".png", ".svg", ".pdf"):
         raise ValueError(f"--out must end in .html or .png (got {out.name!r})")
-    tr = rm.token_rewards(prompt, response)
-    sents = rm.sentence_rewards(prompt, response)
+    if hasattr(rm, "token_rewards"):
+        tr, sents = rm.token_rewards(prompt, response), rm.sentence_rewards(prompt, response)
+    else:
+        tr, sents = sentence_view(rm, prompt, response)
     name = _model_name(rm)
     if suffix in (".html", ".htm"):
         out.write_text(render_html(prompt, response, tr, sents, vmax=vmax, model_name=name),

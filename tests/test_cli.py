@@ -502,3 +502,26 @@ def test_eval_rewardbench_v1_file(tmp_path, model_dir, capsys):
 def test_serve_is_registered():
     args = cli.build_parser().parse_args(["serve", "--port", "8123"])
     assert args.command == "serve" and args.port == 8123 and callable(args.func)
+
+
+# ------------------------------------------------------------------------- sentence-level RM
+def test_train_srm_then_eval_and_show_it(tmp_path, model_dir, capsys):
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"Yes. It is {i}.", "rejected": f"No. Not {i}.",
+              "subset": "s"} for i in range(4)]
+    data = _jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "srm"
+    rc, _, err = _run(["train-srm", "--data", str(data), "--out", str(out), "--model", model_dir,
+                       "--freeze-backbone", "--epochs", "1"], capsys)
+    assert rc == 0, err
+    report = tmp_path / "report.json"
+    rc, printed, err = _run(["eval", "--data", str(data), "--model", str(out), "--out",
+                             str(report), "--methods", "endorm_sum,length"], capsys)
+    assert rc == 0, err
+    assert "SentenceRM" in printed and "EndoRM (sum)" in printed
+    assert set(json.loads(report.read_text())["methods"]) == {"endorm_sum", "length", "srm"}
+    page = tmp_path / "s.html"
+    rc, _, err = _run(["show", "--model", str(out), "--prompt", "Q1?", "--response",
+                       "Yes. It is 1.", "--out", str(page)], capsys)
+    assert rc == 0, err
+    html = page.read_text()
+    assert "sentence 0" in html and "weight" in html
