@@ -99,8 +99,9 @@ def test_truncated_responses(tiny64, fused):
         n = len(tok(r, add_special_tokens=False)["input_ids"])
         with torch.no_grad():
             z = model64(input_ids=torch.tensor([ids])).logits[0]
-        L = len(ids)
-        ref = sum(z[t - 1, ids[t]] - 0.8 * torch.logsumexp(z[t] / 0.8, 0) for t in range(L - n, L))
+        mask = torch.zeros(1, len(ids), dtype=torch.bool)
+        mask[0, len(ids) - n:] = True
+        ref = endogenous_ref(z[None], torch.tensor([ids]), mask, 0.8, terminated=False).sum()
         torch.testing.assert_close(got[i].double(), ref, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="terminated"):
         rm.score(PROMPTS, RESPONSES, terminated=[True])
@@ -132,8 +133,8 @@ def test_token_rewards_fields(tiny64):
     with torch.no_grad():
         z = model64(input_ids=torch.tensor([ids])).logits[0]
     L = len(ids)
-    v = torch.stack([alpha * torch.logsumexp(z[t - 1] / alpha, 0) for t in range(L - n, L)])
-    lp = torch.stack([torch.log_softmax(z[t - 1] / alpha, 0)[ids[t]] for t in range(L - n, L)])
+    lp, lse, _, _ = token_stats_ref(z[L - n - 1:L - 1], torch.tensor(ids[L - n:]), alpha)
+    v = alpha * lse
     torch.testing.assert_close(tr.values.double(), v, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tr.logprobs.double(), lp, rtol=1e-5, atol=1e-4)
 

@@ -7,6 +7,7 @@ import torch
 
 import erm
 from erm import lm, rl, tasks
+from tests.reference import token_stats_ref
 from tests.tiny import tiny_model_and_tokenizer
 
 PROMPTS = [{"prompt": f"What is {i} plus {i + 1}? Answer with a number.", "answer": str(2 * i + 1)}
@@ -46,18 +47,17 @@ def test_dense_rewards_match_endogenous_rewards_and_telescope(arch):
                        position_ids=lm.position_ids(b.attention_mask)).logits
         expect = erm.endogenous_rewards(logits, b.input_ids, response_mask=full_mask, alpha=alpha,
                                         terminated=b.terminated)[:, p:]
-        v1 = alpha * torch.logsumexp(logits[:, p - 1] / alpha, -1)
-        lp = torch.log_softmax(logits[:, p - 1:-1] / alpha, -1).gather(
-            -1, b.input_ids[:, p:, None])[..., 0]
+        lp, lse, _, _ = token_stats_ref(logits[:, p - 1:-1], b.input_ids[:, p:], alpha)
+        v1 = alpha * lse[:, 0]
     torch.testing.assert_close(r, expect, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(ref_lp, lp * b.response_mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_lp.double(), lp * b.response_mask, atol=1e-5, rtol=1e-5)
     # Σ r_t = α·log π(y|x) + V(s_1) (terminated), − V(s_{L+1}) more when truncated
     total = r.sum(1)
     lengths = b.response_mask.sum(1)
-    v_end = torch.stack([alpha * torch.logsumexp(logits[i, p + n - 1] / alpha, -1)
+    v_end = torch.stack([alpha * token_stats_ref(logits[i, p + n - 1], torch.tensor(0), alpha)[1]
                          for i, n in enumerate(lengths.tolist())])
     expect_total = alpha * ref_lp.sum(1) + v1 - torch.where(b.terminated, 0.0, v_end)
-    torch.testing.assert_close(total, expect_total, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(total.double(), expect_total, atol=1e-3, rtol=1e-5)
     # dense reward-to-go at the first token is the response reward
     g = rl.reward_to_go(r, b.response_mask)
     torch.testing.assert_close(g[:, 0], total, atol=1e-4, rtol=1e-5)
