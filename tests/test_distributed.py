@@ -1,0 +1,132 @@
+"""Vocab-parallel ops (erm/distributed.py) on CPU with gloo: each worker process holds a shard of
+the vocabulary; its values and gradients must equal the single-process ops on the full
+vocabulary (the reference every worker also computes, from the same seed)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import erm
+from erm.distributed import (vocab_parallel_endogenous_rewards, vocab_parallel_linear_token_stats,
+                             vocab_parallel_token_stats)
+
+V, N, D = 37, 6, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slices(world: int):
+    """Uneven vocabulary slices [(start, size)] covering V."""
+    cuts = [0] + [round(V * (k + 1) / world) + (1 if k % 2 == 0 and k + 1 < world else 0)
+                  for k in range(world)]
+    cuts[-1] = V
+    return [(cuts[k], cuts[k + 1] - cuts[k]) for k in range(world)]
+
+
+def _close(got, want, tol):
+    got, want = got.double(), want.double()
+    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+    assert err <= tol, (err, tol)
+
+
+def _check_logits_op(rank, world, dtype, offset, tol):
+    g = torch.Generator().manual_seed(11)
+    z = (torch.randn(N, V, generator=g) * 3 + offset).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[1] = -100
+    w = [torch.randn(N, generator=g) for _ in range(4)]
+    start, size = _slices(world)[rank]
+    full = z.clone().requires_grad_(True)
+    ref = erm.token_stats(full, t, temperature=0.7, entropy=True, backend="torch")
+    sum((o * wk).sum() for o, wk in zip(ref, w)).backward()
+    local = z[:, start:start + size].clone().requires_grad_(True)
+    got = vocab_parallel_token_stats(local, t, vocab_start=start, temperature=0.7, entropy=True,
+                                     backend="torch")
+    sum((o * wk).sum() for o, wk in zip(got, w)).backward()
+    for a, b in zip(got, ref):
+        _close(a, b, tol)
+    assert (got.logprob <= 0).all()
+    _close(local.grad, full.grad[:, start:start + size], tol)
+
+
+def _check_linear_op(rank, world, tol=1e-5):
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(2, 3, D, generator=g)
+    wt = torch.randn(V, D, generator=g)
+    b = torch.randn(V, generator=g)
+    t = torch.randint(0, V, (2, 3), generator=g)
+    wts = [torch.randn(2, 3, generator=g) for _ in range(4)]
+    start, size = _slices(world)[rank]
+    fh, fw, fb = (x.clone().requires_grad_(True) for x in (h, wt, b))
+    ref = erm.linear_token_stats(fh, fw, t, bias=fb, entropy=True, backend="torch")
+    sum((o * k).sum() for o, k in zip(ref, wts)).backward()
+    lh = h.clone().requires_grad_(True)
+    lw = wt[start:start + size].clone().requires_grad_(True)
+    lb = b[start:start + size].clone().requires_grad_(True)
+    got = vocab_parallel_linear_token_stats(lh, lw, t, vocab_start=start, bias=lb, entropy=True,
+                                            backend="torch")
+    sum((o * k).sum() for o, k in zip(got, wts)).backward()
+    for a, r in zip(got, ref):
+        _close(a, r, tol)
+    _close(lh.grad, fh.grad, tol)
+    _close(lw.grad, fw.grad[start:start + size], tol)
+    _close(lb.grad, fb.grad[start:start + size], tol)
+
+
+def _check_rewards(rank, world):
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(2, 5, V, generator=g) * 2
+    ids = torch.randint(0, V, (2, 5), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    ref = erm.endogenous_rewards(z, ids, response_mask=mask, alpha=0.9, gamma=0.95,
+                                 terminated=[True, False], backend="torch")
+    start, size = _slices(world)[rank]
+    got = vocab_parallel_endogenous_rewards(z[..., start:start + size], ids, vocab_start=start,
+                                            response_mask=mask, alpha=0.9, gamma=0.95,
+                                            terminated=[True, False], backend="torch")
+    _close(got, ref, 1e-5)
+
+
+def _check_bad_target(rank, world):
+    start, size = _slices(world)[rank]
+    with pytest.raises(ValueError, match="no rank's vocabulary slice"):
+        vocab_parallel_token_stats(torch.randn(2, size), torch.tensor([0, V + 3]),
+                                   vocab_start=start, backend="torch")
+
+
+def _worker(rank, world, port, checks):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, args in checks:
+            globals()[name](rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, checks):
+    mp.spawn(_worker, args=(world, _free_port(), checks), nprocs=world, join=True)
+
+
+def test_two_ranks_equal_one_process():
+    _spawn(2, [("_check_logits_op", (torch.float32, 0.0, 1e-5)),
+               ("_check_logits_op", (torch.float32, 1e4, 1e-5)),
+               ("_check_logits_op", (torch.bfloat16, 0.0, 2e-2)),
+               ("_check_linear_op", ()), ("_check_rewards", ()), ("_check_bad_target", ())])
+
+
+def test_three_uneven_ranks_equal_one_process():
+    _spawn(3, [("_check_logits_op", (torch.float32, -3e3, 1e-5)), ("_check_linear_op", ())])
+
+
+def test_needs_an_initialised_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_token_stats(torch.randn(2, 5), torch.tensor([0, 1]), vocab_start=0)
