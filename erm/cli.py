@@ -326,7 +326,10 @@ def _check_field(args) -> str:
 
 def cmd_score(args, rm=None) -> int:
     """`erm score`: add the reward (`--field`, default `reward`) to every {prompt, response, ...}
-    line of a JSONL file, written to `--out` in one rename when complete."""
+    line of a JSONL file, written to `--out` in one rename when complete. Under torchrun the
+    ranks score contiguous shards; results go to part files first, so `--resume` continues a run
+    that crashed (erm/dp.py)."""
+    from . import dp
     from .evaluate import load_records
     _check_model_options(args)
     field = _check_field(args)
@@ -337,25 +340,53 @@ def cmd_score(args, rm=None) -> int:
     wheres = [f"{args.data}: line {n}" for n, _ in items]
     records = [rec for _, rec in items]
     prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
+    rank, size, args.device = dp.init(args.device)
+    done = dp.read_parts(out, len(records)) if args.resume else {}
+    if not args.resume and rank == 0:
+        dp.remove_parts(out)  # leftovers of an earlier run that was not resumed
+    dp.barrier()
+    mine = [i for i in dp.shard(len(records), rank, size) if i not in done]
     rm = _load_rm(args, rm)
-    _check_pairs(rm, zip(wheres, prompts, responses), system_prompt=args.system_prompt,
-                 no_truncate=args.no_truncate)
+    _check_pairs(rm, [(wheres[i], prompts[i], responses[i]) for i in mine],
+                 system_prompt=args.system_prompt, no_truncate=args.no_truncate)
     t0 = time.perf_counter()
-    kwargs = {"reduction": args.reduction, "progress": not args.quiet}
+    kwargs = {"reduction": args.reduction, "progress": False}
     if args.system_prompt is not None:
         kwargs["system_prompt"] = args.system_prompt
     if args.no_truncate and _accepts(rm.score, "truncate"):
         kwargs["truncate"] = False
-    rewards, truncated = _run_scoring(lambda: rm.score(prompts, responses, **kwargs), wheres,
-                                      str(args.data))
-    note = _truncation_note(args, wheres, truncated)
-    rewards = [float(x) for x in rewards.tolist()]
-    with _atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for rec, r in zip(records, rewards):
-            f.write(json.dumps({**rec, field: r}, ensure_ascii=False) + "\n")
-    _log(args, f"scored {len(records)} responses in {time.perf_counter() - t0:.1f}s -> {out}"
-               f"{note}")
+    truncated = []
+
+    def score(idx):
+        values, cut = _run_scoring(lambda: rm.score([prompts[i] for i in idx],
+                                                    [responses[i] for i in idx], **kwargs),
+                                   [wheres[i] for i in idx], str(args.data))
+        truncated.extend(idx[j] for j in cut)
+        return values.tolist()
+
+    chunk = 8 * (getattr(rm, "batch_size", None) or 8)
+    dp.score_rows(mine, score, out, rank, total=len(records), done=len(done), chunk=chunk,
+                  progress=not args.quiet)
+    note = _truncation_note(args, wheres, sorted(truncated))
+    dp.barrier()
+    if rank == 0:
+        _write_scored(args, out, field, records, wheres, dp)
+        _log(args, f"scored {len(records)} responses ({len(done)} resumed, {size} rank(s)) in "
+                   f"{time.perf_counter() - t0:.1f}s -> {out}{note}")
     return 0
+
+
+def _write_scored(args, out, field, records, wheres, dp) -> None:
+    """Merge the part files in input order into `out` (one rename), then remove them."""
+    values = dp.read_parts(out, len(records))
+    missing = [i for i in range(len(records)) if i not in values]
+    if missing:
+        raise CLIError(f"{len(missing)} row(s) have no score (first: {wheres[missing[0]]}); "
+                       "run again with --resume")
+    with _atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, rec in enumerate(records):
+            f.write(json.dumps({**rec, field: values[i]}, ensure_ascii=False) + "\n")
+    dp.remove_parts(out)
 
 
 def _eval_inputs(args):
@@ -546,6 +577,9 @@ def _add_score(sub):
                    help="replace the --field value already present in input lines")
     p.add_argument("--reduction", choices=("sum", "mean"), default="sum",
                    help="sum (default) or mean of the token rewards")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that stopped: keep the rows already scored in OUT.part-* "
+                        "and score the rest")
     _verbose_option(p)
     _model_options(p)
     p.set_defaults(func=cmd_score)

@@ -270,8 +270,9 @@ def test_score_writes_atomically(tmp_path, capsys, monkeypatch):
     with pytest.raises(OSError):
         cli.main(["-q", "score", "--data", str(src), "--out", str(dst)], rm=StandIn())
     monkeypatch.undo()
-    assert dst.read_text() == "old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    assert dst.read_text() == "old\n"  # the part file stays, for --resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl",
+                                                          "out.jsonl.part-0"]
     rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys, rm=StandIn())
     assert rc == 0, err
     assert [json.loads(x)["reward"] for x in dst.read_text().splitlines()] == [10.0] * 3
@@ -525,3 +526,22 @@ def test_train_srm_then_eval_and_show_it(tmp_path, model_dir, capsys):
     assert rc == 0, err
     html = page.read_text()
     assert "sentence 0" in html and "weight" in html
+
+
+def test_score_resume_scores_only_the_missing_rows(tmp_path, capsys):
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs(20)), tmp_path / "out.jsonl"
+    part = tmp_path / "out.jsonl.part-1"  # left by rank 1 of an earlier two-rank run
+    part.write_text("".join(json.dumps({"index": i, "value": -1.0}) + "\n"
+                            for i in range(10, 20)) + '{"index": 3, "val')  # torn last line
+    rm = StandIn()
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--resume"], capsys, rm=rm)
+    assert rc == 0, err
+    assert sum(rm.calls) == 10                        # rows 0-9 only
+    got = [json.loads(x)["reward"] for x in dst.read_text().splitlines()]
+    assert got == [float(len(f"response {i}")) for i in range(10)] + [-1.0] * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    part.write_text(json.dumps({"index": 0, "value": -1.0}) + "\n")  # without --resume: ignored
+    rm = StandIn()
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst)], capsys, rm=rm)
+    assert rc == 0 and sum(rm.calls) == 20
+    assert json.loads(dst.read_text().splitlines()[0])["reward"] == float(len("response 0"))

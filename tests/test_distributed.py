@@ -2,6 +2,7 @@
 the vocabulary; its values and gradients must equal the single-process ops on the full
 vocabulary (the reference every worker also computes, from the same seed)."""
 import os
+from datetime import timedelta
 import socket
 
 import pytest
@@ -101,10 +102,27 @@ def _check_bad_target(rank, world):
                                    vocab_start=start, backend="torch")
 
 
+def _check_infinite(rank, world):
+    """+inf logits in one shard or two, an all −inf row: the single-process semantics."""
+    z = torch.randn(4, V, generator=torch.Generator().manual_seed(14))
+    z[0, 3] = z[0, V - 2] = float("inf")      # +inf in the first and the last shard
+    z[1, 5] = float("inf")                     # +inf in the first shard only
+    z[2] = float("-inf")                       # no distribution: NaN statistics
+    z[3, 7] = float("-inf")
+    t = torch.tensor([3, V - 1, 0, 7])
+    ref = erm.token_stats(z, t, entropy=True, backend="torch")
+    start, size = _slices(world)[rank]
+    got = vocab_parallel_token_stats(z[:, start:start + size], t, vocab_start=start,
+                                     entropy=True, backend="torch")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
 def _worker(rank, world, port, checks):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that fails leaves the others in a collective: the timeout turns that into an error
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         for name, args in checks:
             globals()[name](rank, world, *args)
@@ -120,7 +138,8 @@ def test_two_ranks_equal_one_process():
     _spawn(2, [("_check_logits_op", (torch.float32, 0.0, 1e-5)),
                ("_check_logits_op", (torch.float32, 1e4, 1e-5)),
                ("_check_logits_op", (torch.bfloat16, 0.0, 2e-2)),
-               ("_check_linear_op", ()), ("_check_rewards", ()), ("_check_bad_target", ())])
+               ("_check_linear_op", ()), ("_check_rewards", ()), ("_check_infinite", ()),
+               ("_check_bad_target", ())])
 
 
 def test_three_uneven_ranks_equal_one_process():
@@ -130,3 +149,34 @@ def test_three_uneven_ranks_equal_one_process():
 def test_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_token_stats(torch.randn(2, 5), torch.tensor([0, 1]), vocab_start=0)
+
+
+def test_torchrun_score_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m erm score` writes what one process writes."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("qwen2", seed=5)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": "Answer " * (i % 4 + 1),
+                                        "id": i}) + "\n" for i in range(11)))
+    args = ["-m", "erm", "-q", "score", "--data", str(data), "--model", str(tmp_path / "m")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2"] + args + ["--out", str(tmp_path / "two.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in b] == list(range(11))
+    for x, y in zip(a, b):
+        assert abs(x["reward"] - y["reward"]) <= 1e-4 * max(1.0, abs(x["reward"]))
+    assert not list(tmp_path.glob("two.jsonl.part-*"))
