@@ -7,8 +7,9 @@ raw maximum m_r, the centred log-sum log s_r = log Σ_{j∈r} exp((z_j − m_r)/
 H_r and the target logit when the target falls in its slice. The ranks then communicate, per row:
 
 1. one MAX all-reduce of m_r → the global row max m;
-2. one SUM all-reduce of (e_r, t_r, o_r, e_r·(H_r − d_r)) with d_r = (m_r − m)/α + log s_r and
-   e_r = exp(d_r), t_r the target logit on its owner (0 elsewhere), o_r = 1 on the owner.
+2. one SUM all-reduce of (e_r, t_r, o_r, l_r, e_r·(H_r − d_r)) with d_r = (m_r − m)/α + log s_r
+   and e_r = exp(d_r); on the owner of the row's target t_r is the target logit, o_r = 1 and
+   l_r = its local log-prob + d_r (all 0 elsewhere; l_r serves rows whose max is +inf).
 
 Then S = Σ e_r, lse = m/α + log S, logprob = min(0, (z[a] − m)/α − log S) and H = Σ e_r·(H_r −
 d_r)/S + log S: the row-max-centred form of the single-process op, so a large common offset of
@@ -91,20 +92,26 @@ def _local_targets(targets: Tensor, vocab_start: int, v_local: int, ignore_index
     return torch.where(own, targets - vocab_start, torch.full_like(targets, IGNORE_INDEX)), valid, own
 
 
-def _combine(lse_r, tl_r, ent_r, state, valid, own, alpha, group, want_entropy):
-    """Full-vocabulary TokenStats from the local (lse, target logit, entropy, (m, log s)) of each
-    row: one MAX and one SUM all-reduce (see the module docstring). The SUM also counts the
-    owners of each row's target: a target no shard owns is out of range."""
+def _combine(local, state, valid, own, alpha, group, want_entropy):
+    """Full-vocabulary TokenStats from each row's local (logprob, lse, target logit, entropy)
+    and state (m, log s): one MAX and one SUM all-reduce (see the module docstring). The SUM also
+    counts the owners of each row's target: a target no shard owns is out of range."""
+    lp_r, lse_r, tl_r, ent_r = local
     state = state.reshape(*lse_r.shape, 2)
     m_r, logs_r = state[..., 0], state[..., 1]
     m = m_r.detach().clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     finite = torch.isfinite(m)
-    shift = torch.where(finite, (m_r - m) / alpha, torch.zeros_like(m))
-    d = (shift + logs_r).detach() + (lse_r - lse_r.detach())   # value centred, gradient of lse_r
+    # a row whose max is infinite: only the shards holding that max carry probability mass
+    inf_shift = torch.where(m_r == m, torch.zeros_like(m), torch.full_like(m, float("-inf")))
+    shift = torch.where(finite, (m_r - m) / alpha, inf_shift)
+    zero = torch.zeros_like(m)
+    # d_r = lse_r − m/α: its value from the centred parts, its gradient that of lse_r
+    d = (shift + logs_r).detach() + torch.where(torch.isfinite(lse_r), lse_r - lse_r.detach(), zero)
     e = torch.exp(d)
-    parts = [e, tl_r, own.to(e.dtype)] + (
-        [e * torch.where(e > 0, ent_r - d, torch.zeros_like(d))] if want_entropy else [])
+    parts = [e, torch.where(own, tl_r, zero), own.to(e.dtype), torch.where(own, lp_r + d, zero)]
+    if want_entropy:
+        parts.append(e * torch.where(e > 0, ent_r - d, zero))
     total = _SumReplicated.apply(torch.stack(parts, -1), group)
     s, tl = total[..., 0], total[..., 1]
     orphan = valid & (total[..., 2].detach() != 1)
@@ -112,12 +119,14 @@ def _combine(lse_r, tl_r, ent_r, state, valid, own, alpha, group, want_entropy):
         raise ValueError(f"{int(orphan.sum())} target id(s) lie in no rank's vocabulary slice "
                          "(out of range, or overlapping slices)")
     log_s = torch.log(s)
-    m_a = torch.where(finite, m / alpha, m)
-    lse = torch.where(finite, m_a + log_s, m_a)
-    lp = torch.clamp_max(torch.where(finite, (tl - m) / alpha, tl - m) - log_s, 0.0)
-    lp = torch.where(valid, lp, torch.zeros_like(lp))
-    ent = total[..., 3] / s + log_s if want_entropy else None
-    return TokenStats(lp, lse, torch.where(valid, tl, torch.zeros_like(tl)), ent)
+    m_a = m / alpha
+    lse = torch.where(finite, m_a + log_s, m)
+    # finite max: the single-process form (z[a] − m)/α − log S; infinite max: the owner's local
+    # log-prob moved to the global normaliser (its own form for infinite logits)
+    lp = torch.where(finite, (tl - m) / alpha - log_s, total[..., 3] - log_s)
+    lp = torch.where(valid, torch.clamp_max(lp, 0.0), zero)
+    ent = total[..., 4] / s + log_s if want_entropy else None
+    return TokenStats(lp, lse, torch.where(valid, tl, zero), ent)
 
 
 def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: int, group=None,
@@ -149,8 +158,8 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: 
     backend = _checks.check_backend(backend)
     start = _check_vocab_start(vocab_start)
     local, valid, own = _local_targets(targets, start, logits.shape[-1], ii)
-    lp, lse, tl, ent, state = _token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
-    return _combine(lse, tl, ent, state, valid, own, alpha, group, entropy)
+    *outs, state = _token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
+    return _combine(outs, state, valid, own, alpha, group, entropy)
 
 
 def vocab_parallel_linear_token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *,
@@ -183,8 +192,7 @@ def vocab_parallel_linear_token_stats(hidden: Tensor, weight: Tensor, targets: T
     h = _flat_hidden(_CopyToShards.apply(hidden, group))
     outs = _linear_token_stats_op(h, weight, bias, local.reshape(-1), alpha, IGNORE_INDEX,
                                   entropy, True, backend)
-    _, lse, tl, ent, state = outs
-    st = _combine(lse, tl, ent, state, valid.reshape(-1), own.reshape(-1), alpha, group, entropy)
+    st = _combine(outs[:4], outs[4], valid.reshape(-1), own.reshape(-1), alpha, group, entropy)
     shape = targets.shape
     return TokenStats(*(None if x is None else x.view(shape) for x in st))
 
