@@ -44,6 +44,7 @@ same state. Exact-match accuracy on the held-back prompts is measured before and
 Tests: tests/test_rl.py. Bench of one policy update: benches/bench_rl_step.py.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -289,13 +290,77 @@ def advantages(cfg: RLConfig, token_rewards: Tensor, response_mask: Tensor,
     return adv, resp
 
 
+# ============================================================================ data parallelism
+class PolicyStats(torch.nn.Module):
+    """The policy's response statistics as one module, so that DDP wraps the whole forward (the
+    model body and the fused head) and all-reduces the policy's gradients in its backward."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, start, targets, *, alpha, entropy,
+                compute_dtype=None):
+        return lm.window_token_stats(self.policy, input_ids, attention_mask, start, targets,
+                                     alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
+
+
+def _is_ddp(module) -> bool:
+    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
+def world() -> Tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_world(device: Optional[str]) -> Optional[str]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl with one GPU per rank
+    (cuda:LOCAL_RANK unless `device` says otherwise), gloo on the CPU. Returns the device."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    cuda = str(device or "").startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def wrap_ddp(policy):
+    """DDP over `PolicyStats(policy)` (the policy's parameters, broadcast from rank 0)."""
+    dev = next(policy.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        PolicyStats(policy), device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def all_sum(values: Sequence[float], device) -> List[float]:
+    """Element-wise SUM of a list of floats over the ranks (itself with one process)."""
+    import torch.distributed as dist
+    if world()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 # ============================================================================ 4. update
 def policy_logprobs(policy, batch: Rollout, *, alpha: float, entropy: bool = True,
                     compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
-    """Policy log-probs (B, R) and entropies (B, R) (float32, with autograd) of the responses."""
-    st = lm.window_token_stats(policy, batch.input_ids[:, :-1], batch.attention_mask[:, :-1],
-                               batch.prompt_len - 1, batch.targets, alpha=alpha, entropy=entropy,
-                               compute_dtype=compute_dtype)
+    """Policy log-probs (B, R) and entropies (B, R) (float32, with autograd) of the responses.
+    `policy` is the model, or the `PolicyStats` wrapper under DDP (`wrap_ddp`)."""
+    args = (batch.input_ids[:, :-1], batch.attention_mask[:, :-1], batch.prompt_len - 1,
+            batch.targets)
+    if _is_ddp(policy):  # through DDP's forward, so its backward reduces the gradients
+        st = policy(*args, alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
+    else:
+        st = lm.window_token_stats(policy, *args, alpha=alpha, entropy=entropy,
+                                   compute_dtype=compute_dtype)
     return st.logprob, st.entropy
 
 
@@ -339,31 +404,47 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
     `old_logprobs` (B, R): log π_old of the responses; None takes them from the first epoch's
     forward, which runs with the rollout weights. Returns the metrics of the first epoch (kl,
     entropy, ratio: means over response tokens) and over all epochs (clip fraction, first and
-    last loss, grad norm)."""
+    last loss, grad norm).
+
+    With `policy` a DDP wrapper (`wrap_ddp`) the batch is this rank's share: the loss is
+    normalised by the response tokens of all ranks and scaled by the world size, so DDP's mean
+    of the gradients is the gradient of the whole batch's loss; the metrics are summed over the
+    ranks (one small all-reduce per epoch besides DDP's)."""
     alpha = cfg.log_temperature
-    n_tok = int(batch.response_mask.sum().clamp(min=1))
+    ddp = _is_ddp(policy)
+    size = world()[1] if ddp else 1
+    dev = batch.input_ids.device
+    n_tok = int(max(1.0, all_sum([batch.response_mask.sum()], dev)[0] if ddp
+                    else float(batch.response_mask.sum())))
     b = batch.input_ids.shape[0]
     mb = cfg.micro_batch if cfg.micro_batch > 0 else b
-    dev = batch.input_ids.device
     old_parts, first, losses, clip, gnorm = [], None, [], 0.0, 0.0
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         tot, total_loss = {}, 0.0
         for i in range(0, b, mb):
             part = _slice(batch, i, i + mb)
-            with _autocast(dev, compute_dtype):
-                lp, ent = policy_logprobs(policy, part, alpha=alpha,
-                                          entropy=True, compute_dtype=compute_dtype)
-            if old_logprobs is None and epoch == 0:  # weights == rollout weights: π_old
-                old_parts.append(lp.detach())
-            old = old_logprobs[i:i + mb] if old_logprobs is not None else old_parts[i // mb]
-            loss, st = ppo_loss(lp, old, ref_logprobs[i:i + mb], adv[i:i + mb],
-                                part.response_mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
-                                entropy_coef=cfg.entropy_coef, entropy=ent, n_tokens=n_tok)
-            loss.backward()
+            # DDP reduces the gradients once per epoch, in the last micro-batch's backward
+            sync = not ddp or i + mb >= b
+            with contextlib.nullcontext() if sync else policy.no_sync():
+                with _autocast(dev, compute_dtype):
+                    lp, ent = policy_logprobs(policy, part, alpha=alpha,
+                                              entropy=True, compute_dtype=compute_dtype)
+                if old_logprobs is None and epoch == 0:  # weights == rollout weights: π_old
+                    old_parts.append(lp.detach())
+                old = old_logprobs[i:i + mb] if old_logprobs is not None else old_parts[i // mb]
+                loss, st = ppo_loss(lp, old, ref_logprobs[i:i + mb], adv[i:i + mb],
+                                    part.response_mask, clip_eps=cfg.clip_eps,
+                                    kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
+                                    entropy=ent, n_tokens=n_tok)
+                (loss * size if ddp else loss).backward()
             total_loss += float(loss.detach())
             for key, v in st.items():
                 tot[key] = tot.get(key, 0.0) + v
+        if ddp:
+            keys = sorted(tot)
+            total_loss, *vals = all_sum([total_loss] + [tot[k] for k in keys], dev)
+            tot = dict(zip(keys, vals))
         gnorm = float(torch.nn.utils.clip_grad_norm_(
             [p for p in policy.parameters() if p.requires_grad],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
@@ -409,8 +490,10 @@ def evaluate_accuracy(policy, tokenizer, prompts: Sequence[dict], *, max_new_tok
 
 
 # ============================================================================ the loop
-def _resolve_device_dtype(cfg: RLConfig) -> Tuple[torch.device, torch.dtype]:
-    dev = torch.device(cfg.device) if cfg.device else lm.default_device()
+def _resolve_device_dtype(cfg: RLConfig, device: Optional[str] = None
+                          ) -> Tuple[torch.device, torch.dtype]:
+    device = device or cfg.device
+    dev = torch.device(device) if device else lm.default_device()
     return dev, lm.as_dtype(cfg.dtype) or lm.default_dtype(dev)
 
 
@@ -430,13 +513,23 @@ class Trainer:
             policy (trained in place, float32 master weights); a deep copy of it, frozen, is the
             reference model and the endogenous reward model.
         train_prompts, eval_prompts: prompt records; None reads `cfg.prompts`.
+
+    Under torchrun (or in a process group already initialised) the loop is data parallel: the
+    policy is wrapped in DDP, each rank samples and scores its contiguous share of the step's
+    prompts (all k samples of a prompt on one rank, so GRPO/RLOO groups never straddle ranks;
+    ranks sample with seeds seed + rank), and the metrics are summed over the ranks. Rank 0 alone
+    evaluates, logs and writes the checkpoint and summary.
     """
 
     def __init__(self, cfg: RLConfig, model=None, tokenizer=None,
                  train_prompts: Optional[List[dict]] = None,
                  eval_prompts: Optional[List[dict]] = None):
         self.cfg = cfg
-        self.device, self.dtype = _resolve_device_dtype(cfg)
+        self.device, self.dtype = _resolve_device_dtype(cfg, init_world(cfg.device))
+        self.rank, self.world = world()
+        if cfg.prompts_per_step < self.world:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the "
+                             f"number of ranks ({self.world}): each rank samples whole groups")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if model is None:
@@ -447,6 +540,9 @@ class Trainer:
         self.policy = model.to(self.device, torch.float32).eval()
         self.policy.requires_grad_(True)
         self.frozen = copy.deepcopy(self.policy).to(self.dtype).eval().requires_grad_(False)
+        self.ddp = wrap_ddp(self.policy) if self.world > 1 else None
+        if self.world > 1:
+            torch.manual_seed(cfg.seed + self.rank)  # each rank samples its own responses
         if train_prompts is None:
             train_prompts, held = load_prompts(cfg.prompts)
             eval_prompts = held if eval_prompts is None else eval_prompts
@@ -461,7 +557,7 @@ class Trainer:
         self.records: List[dict] = []
         if cfg.resume and (self.out / "checkpoint.pt").exists():
             self.load(self.out / "checkpoint.pt")
-        elif self.log_path.exists():
+        elif self.log_path.exists() and self.rank == 0:
             self.log_path.unlink()
 
     # ---------------------------------------------------------------- prompts of a step
@@ -476,6 +572,12 @@ class Trainer:
             out.append(self.train_prompts[order[i]])
         return out
 
+    def my_prompts(self, step: int) -> List[dict]:
+        """This rank's contiguous share of the step's prompts (all of them with one process)."""
+        recs = self.prompts_for_step(step)
+        n = len(recs)
+        return recs[n * self.rank // self.world:n * (self.rank + 1) // self.world]
+
     # ---------------------------------------------------------------- one RL step
     def step(self) -> dict:
         """rollout → score → advantages → update; returns (and logs) the step's metrics."""
@@ -484,7 +586,7 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        batch = rollout(self.policy, self.tokenizer, self.prompts_for_step(self.step_idx), cfg.k,
+        batch = rollout(self.policy, self.tokenizer, self.my_prompts(self.step_idx), cfg.k,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         system_prompt=cfg.system_prompt, compute_dtype=self.dtype)
         t_gen = time.perf_counter() - t0
@@ -492,26 +594,27 @@ class Trainer:
                               compute_dtype=self.dtype)
         ver = verifiable_rewards(batch)
         adv, resp_r = advantages(cfg, tok_r, batch.response_mask, ver)
-        m = update(self.policy, self.optimizer, batch, adv, ref_lp, cfg,
-                      compute_dtype=self.dtype)
+        m = update(self.ddp or self.policy, self.optimizer, batch, adv, ref_lp, cfg,
+                   compute_dtype=self.dtype)
         dt = time.perf_counter() - t0
-        n_resp = int(batch.response_mask.sum())
+        # batch sums over the ranks: responses, Σr, R, Σ tokens' r, correct, tokens, terminated
+        b, sum_r, sum_resp, sum_tok, n_ok, n_resp, n_term = all_sum(
+            [len(batch.texts), (tok_r * batch.response_mask).sum(), resp_r.sum(), tok_r.sum(),
+             ver.sum(), batch.response_mask.sum(), batch.terminated.sum()], dev)
         self.step_idx += 1
         rec = {"step": self.step_idx,
-               "reward": float((tok_r * batch.response_mask).sum(1).mean()),
-               "reward_total": float(resp_r.mean()),
-               "reward_per_token": float((tok_r.sum() / max(n_resp, 1))),
-               "accuracy": float(ver.mean()),
+               "reward": sum_r / b, "reward_total": sum_resp / b,
+               "reward_per_token": sum_tok / max(n_resp, 1), "accuracy": n_ok / b,
                "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
                "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
-               "response_len": n_resp / batch.response_mask.shape[0],
-               "terminated": float(batch.terminated.float().mean()),
+               "response_len": n_resp / b, "terminated": n_term / b,
                "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": t_gen,
                "peak_mem_mb": _peak_memory_mb(dev),
                "sample": batch.texts[0][:200]}
         self.records.append(rec)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.rank == 0:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
         return rec
 
     # ---------------------------------------------------------------- checkpoint / resume
@@ -524,8 +627,11 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg)}
 
     def save(self, path: Optional[Path] = None) -> Path:
-        """Write the checkpoint atomically (default out/checkpoint.pt)."""
+        """Write the checkpoint atomically (default out/checkpoint.pt); rank 0 alone under DDP
+        (the policy and optimizer are the same on every rank)."""
         path = Path(path) if path is not None else self.out / "checkpoint.pt"
+        if self.rank != 0:
+            return path
         tmp = path.with_suffix(".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
@@ -541,7 +647,9 @@ class Trainer:
         random.setstate(ck["rng"]["python"])
         if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
-        if self.log_path.exists():
+        if self.world > 1:  # the checkpoint holds rank 0's streams: each rank its own again
+            torch.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step_idx)
+        if self.log_path.exists() and self.rank == 0:
             keep = [json.loads(x) for x in self.log_path.read_text().splitlines() if x.strip()]
             self.records = [r for r in keep if r.get("step", 0) <= self.step_idx]
             self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
@@ -553,11 +661,12 @@ class Trainer:
         cfg = self.cfg
         ev = dict(max_new_tokens=cfg.eval_max_new_tokens, system_prompt=cfg.system_prompt)
         summary = {"config": dataclasses.asdict(cfg)}
-        if self.eval_prompts and self.step_idx == 0:
+        main = self.rank == 0  # evaluation, log, bar and summary on rank 0
+        if self.eval_prompts and self.step_idx == 0 and main:
             summary["accuracy_before"] = evaluate_accuracy(self.policy, self.tokenizer,
                                                            self.eval_prompts, **ev)
         bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=min(self.step_idx, cfg.steps), desc="rl",
                        unit="step", dynamic_ncols=True)
@@ -573,13 +682,14 @@ class Trainer:
             bar.close()
         if cfg.save_every >= 0:
             self.save()
-        if self.eval_prompts:
+        if self.eval_prompts and main:
             summary["accuracy_after"] = evaluate_accuracy(self.policy, self.tokenizer,
                                                           self.eval_prompts, **ev)
         summary["steps"] = [{k: v for k, v in r.items() if k != "sample"} for r in self.records]
-        if cfg.plot and self.records:
+        if cfg.plot and self.records and main:
             summary["plot"] = str(plot_curves(self.records, self.out / "curves.png"))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
@@ -635,7 +745,10 @@ def _run(args, rm=None) -> int:
     model = tok = None
     if rm is not None:
         model, tok = copy.deepcopy(rm.model), rm.tokenizer
-    summary = Trainer(cfg, model, tok).train()
+    trainer = Trainer(cfg, model, tok)
+    summary = trainer.train()
+    if trainer.rank != 0:
+        return 0
     last = summary["steps"][-1] if summary["steps"] else {}
     print(json.dumps({"accuracy_before": summary.get("accuracy_before"),
                       "accuracy_after": summary.get("accuracy_after"),
