@@ -459,12 +459,62 @@ def _eval_rewardbench(args, rm, methods) -> int:
     return 0
 
 
+def _evaluate_dp(args, rm, pairs, methods, srm, rank: int, size: int):
+    """`_evaluate` under torchrun: each rank evaluates a contiguous shard of the pairs, the
+    per-pair results are gathered (one all_gather_object) and every rank builds the report of
+    all pairs in input order. An error on any rank is raised on every rank."""
+    import torch.distributed as dist
+
+    from . import dp
+    idx = dp.shard(len(pairs), rank, size)
+    try:
+        mine = _evaluate(args, rm, pairs[idx.start:idx.stop], methods, srm) if len(idx) else None
+        res = ("ok", idx.start, mine)
+    except (CLIError, ValueError) as exc:
+        res = ("error", str(exc), None)
+    parts = [None] * size
+    dist.all_gather_object(parts, res)
+    errors = [p[1] for p in parts if p[0] == "error"]
+    if errors:
+        raise CLIError(errors[0])
+    done = [(start, out) for _, start, out in parts if out is not None]  # out: (report, note)
+    got = [(start, out[0]) for start, out in done]
+    notes = "".join(out[1] for _, out in done)
+    return _merge_reports(pairs, methods, got), notes
+
+
+def _merge_reports(pairs, methods, parts):
+    """One `evaluate` report from the reports of contiguous shards [(first index, report)]:
+    the per-pair rows re-indexed and concatenated, the accuracies recounted from the outcomes
+    (a method's seconds: the slowest shard)."""
+    rows = []
+    for start, rep in parts:
+        for row in rep["pairs"]:
+            rows.append({**row, "index": row["index"] + start})
+    n = len(rows)
+    counts = {s: sum(p.subset == s for p in pairs) for s in sorted({p.subset for p in pairs})}
+    results = {}
+    for m in methods:
+        out = [r["outcome"][m] for r in rows]
+        results[m] = {"label": METHODS[m], "accuracy": sum(out) / n,
+                      "subsets": {s: sum(o for o, r in zip(out, rows) if r["subset"] == s) / c
+                                  for s, c in counts.items()},
+                      "ties": sum(o == 0.5 for o in out),
+                      "seconds": max(rep["methods"][m]["seconds"] for _, rep in parts)}
+    return {"n": n, "subsets": counts, "methods": results, "pairs": rows}
+
+
 def cmd_eval(args, rm=None) -> int:
     """`erm eval`: preference accuracy of EndoRM (sum, mean), the Yes/No judge and length; on
-    RewardBench v1/v2 files, RewardBench's section or best-of-N scores."""
-    from . import rewardbench
+    RewardBench v1/v2 files, RewardBench's section or best-of-N scores. Under torchrun the pairs
+    are split over the ranks and rank 0 prints and writes the report of all of them (RewardBench
+    files: rank 0 alone)."""
+    from . import dp, rewardbench
     from .evaluate import format_table, plot_report
+    rank, size = dp.world()[:2]
     if args.data is not None and rewardbench.is_rewardbench(args.data):
+        if rank != 0:
+            return 0
         _check_model_options(args)
         if args.out:
             _check_not_input(args.data, _check_out(args.out), "--out")
@@ -472,9 +522,17 @@ def cmd_eval(args, rm=None) -> int:
     if args.format == "rewardbench":
         raise CLIError("--format rewardbench needs a RewardBench v1/v2 file as --data")
     data, pairs, methods = _eval_inputs(args)
+    rank, size, args.device = dp.init(args.device)
+    if rank != 0:
+        args.quiet = True  # one progress bar and one report: rank 0's
     rm, srm, methods = _load_eval_models(args, rm, methods)
     t0 = time.perf_counter()
-    report, note = _evaluate(args, rm, pairs, methods, srm)
+    if size > 1:
+        report, note = _evaluate_dp(args, rm, pairs, methods, srm, rank, size)
+        if rank != 0:
+            return 0
+    else:
+        report, note = _evaluate(args, rm, pairs, methods, srm)
     wall = time.perf_counter() - t0
     label = _model_label(args, rm) if rm is not None or srm is not None \
         else "(none: length only)"

@@ -249,3 +249,40 @@ def _check_rl_two_steps(rank, world, out):
 
 def test_rl_update_under_ddp_equals_one_process(tmp_path):
     _spawn(2, [("_check_rl_update", ()), ("_check_rl_two_steps", (str(tmp_path / "run"),))])
+
+
+def test_torchrun_eval_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m erm eval` reports what one process reports."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("llama", seed=6)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes " * (i % 3 + 1),
+                                        "rejected": "No", "subset": "ab"[i % 2]}) + "\n"
+                            for i in range(7)))
+    args = ["-m", "erm", "-q", "eval", "--data", str(data), "--model", str(tmp_path / "m")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2"] + args + ["--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("erm eval:") == 1                    # rank 0 alone prints
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (a["n"], a["subsets"]) == (b["n"], b["subsets"]) and a["methods"].keys() == b["methods"].keys()
+    for m in a["methods"]:
+        assert a["methods"][m]["accuracy"] == b["methods"][m]["accuracy"], m
+        assert a["methods"][m]["subsets"] == b["methods"][m]["subsets"], m
+    assert [r["index"] for r in b["pairs"]] == list(range(7))
+    for x, y in zip(a["pairs"], b["pairs"]):
+        for m, (c, r) in x["scores"].items():
+            assert abs(c - y["scores"][m][0]) <= 1e-4 * max(1.0, abs(c)), m
+            assert abs(r - y["scores"][m][1]) <= 1e-4 * max(1.0, abs(r)), m
