@@ -104,7 +104,9 @@ class EndoRM:
         max_length: longest sequence (context + response tokens), capped by the model's context
             length. A longer context is cut from the left with a `TruncationWarning` (or an error
             with `truncate=False`); a response that does not fit on its own raises ValueError.
-        device: where to run; None keeps the model where it is.
+        device: where to run; None keeps the model where it is (a model loaded with a
+            `device_map` over several devices stays sharded: its inputs go to the embeddings'
+            device and the LM head runs in its own forward).
         dtype: torch dtype (or "bf16", "float32", ...) to cast the model to; None keeps it.
 
     Attributes: `model`, `tokenizer`, `device`, `alpha`, `gamma`, `system_prompt`, `batch_size`,
@@ -137,6 +139,12 @@ class EndoRM:
         self.max_length = min(max_length, ctx) if ctx else max_length
         self.system_prompt = system_prompt
         self.fused: Optional[bool] = None
+        if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+            # sharded over devices as transformers loads it (device_map): the ids go to the input
+            # embeddings' device and the model's own forward (whose hooks move the activations
+            # between devices and return the logits there) computes the logits
+            self.device = model.get_input_embeddings().weight.device
+            self.fused = False
         self.end_ids: List[int] = lm.end_token_ids(model, tokenizer)
 
     @classmethod

@@ -286,3 +286,23 @@ def test_torchrun_eval_equals_one_process(tmp_path):
         for m, (c, r) in x["scores"].items():
             assert abs(c - y["scores"][m][0]) <= 1e-4 * max(1.0, abs(c)), m
             assert abs(r - y["scores"][m][1]) <= 1e-4 * max(1.0, abs(r)), m
+
+
+def test_endorm_scores_a_model_sharded_with_a_device_map():
+    """A model dispatched by accelerate over a device_map scores as the whole model does (on a
+    CPU-only machine both shards are CPU; the map names two devices, as over two GPUs)."""
+    from accelerate import dispatch_model
+
+    from tests.tiny import tiny_model_and_tokenizer
+    model, tok = tiny_model_and_tokenizer("llama", seed=7)
+    prompts, responses = ["Hi?", "What is 2 plus 2?"], ["Hello there.", "4"]
+    want = erm.EndoRM(model, tok).score(prompts, responses, progress=False)
+    dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dmap = {"model.embed_tokens": dev, "model.rotary_emb": dev, "model.layers.0": dev,
+            "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    sharded = dispatch_model(model, device_map=dmap)
+    sharded.hf_device_map = {**dmap, "lm_head": 1 if dev == "cpu" else "cpu"}  # two devices
+    rm = erm.EndoRM(sharded, tok)
+    assert rm.fused is False and rm.device == torch.device(dev)
+    got = rm.score(prompts, responses, progress=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
