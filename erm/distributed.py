@@ -89,7 +89,8 @@ def _local_targets(targets: Tensor, vocab_start: int, v_local: int, ignore_index
     this shard owns)."""
     valid = targets != ignore_index
     own = valid & (targets >= vocab_start) & (targets < vocab_start + v_local)
-    return torch.where(own, targets - vocab_start, torch.full_like(targets, IGNORE_INDEX)), valid, own
+    local = torch.where(own, targets - vocab_start, torch.full_like(targets, IGNORE_INDEX))
+    return local, valid, own
 
 
 def _combine(local, state, valid, own, alpha, group, want_entropy):

@@ -277,7 +277,8 @@ def test_torchrun_eval_equals_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("erm eval:") == 1                    # rank 0 alone prints
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert (a["n"], a["subsets"]) == (b["n"], b["subsets"]) and a["methods"].keys() == b["methods"].keys()
+    assert (a["n"], a["subsets"]) == (b["n"], b["subsets"])
+    assert a["methods"].keys() == b["methods"].keys()
     for m in a["methods"]:
         assert a["methods"][m]["accuracy"] == b["methods"][m]["accuracy"], m
         assert a["methods"][m]["subsets"] == b["methods"][m]["subsets"], m
