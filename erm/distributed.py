@@ -84,6 +84,14 @@ def _check_vocab_start(vocab_start) -> int:
     return vocab_start
 
 
+def _check_args(temperature, ignore_index, entropy, backend, vocab_start):
+    """The scalar arguments of the vocab-parallel ops, checked: (α, ignore_index, entropy,
+    backend, vocab_start)."""
+    return (_checks.check_alpha(temperature), _checks.check_ignore_index(ignore_index),
+            _checks.check_flag(entropy, "entropy"), _checks.check_backend(backend),
+            _check_vocab_start(vocab_start))
+
+
 def _local_targets(targets: Tensor, vocab_start: int, v_local: int, ignore_index: int):
     """(the targets of this shard, others → IGNORE_INDEX; rows with a target; rows whose target
     this shard owns)."""
@@ -153,11 +161,8 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: 
     _check_group(group)
     _checks.check_logits(logits)
     targets = _checks.check_targets(targets, logits.shape[:-1], logits.device)
-    alpha = _checks.check_alpha(temperature)
-    ii = _checks.check_ignore_index(ignore_index)
-    entropy = _checks.check_flag(entropy, "entropy")
-    backend = _checks.check_backend(backend)
-    start = _check_vocab_start(vocab_start)
+    alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
+                                                     vocab_start)
     local, valid, own = _local_targets(targets, start, logits.shape[-1], ii)
     *outs, state = _token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
     return _combine(outs, state, valid, own, alpha, group, entropy)
@@ -184,11 +189,8 @@ def vocab_parallel_linear_token_stats(hidden: Tensor, weight: Tensor, targets: T
     _check_group(group)
     _check_linear_inputs(hidden, weight, bias)
     targets = _checks.check_targets(targets, hidden.shape[:-1], hidden.device)
-    alpha = _checks.check_alpha(temperature)
-    ii = _checks.check_ignore_index(ignore_index)
-    entropy = _checks.check_flag(entropy, "entropy")
-    backend = _checks.check_backend(backend)
-    start = _check_vocab_start(vocab_start)
+    alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
+                                                     vocab_start)
     local, valid, own = _local_targets(targets, start, weight.shape[0], ii)
     h = _flat_hidden(_CopyToShards.apply(hidden, group))
     outs = _linear_token_stats_op(h, weight, bias, local.reshape(-1), alpha, IGNORE_INDEX,

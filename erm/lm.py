@@ -17,6 +17,7 @@ heads fall back to the `logits_to_keep` logits and `erm.token_stats`.
 """
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -350,6 +351,46 @@ def encode_pair(tokenizer, prompt: Prompt, response: str, *, end_ids: Sequence[i
     return Encoded(ids=[int(x) for x in ctx[-keep:] + resp], n_resp=len(resp),
                    offsets=spans + [(n, n)] * len(end) if offsets else [],
                    terminated=bool(terminated), n_cut=max(0, len(ctx) - keep))
+
+
+def pairs(prompts, responses) -> List[Tuple[Prompt, str]]:
+    """(prompt, response) pairs from N prompts and N responses (one prompt, a string or a chat,
+    is broadcast; one response string is a list of one); types and lengths checked."""
+    if isinstance(responses, str):
+        responses = [responses]
+    if not isinstance(responses, (list, tuple)):
+        raise TypeError(f"responses must be a string or a list of strings, got "
+                        f"{type(responses).__name__}")
+    is_chat = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and \
+        all(isinstance(m, dict) for m in prompts)
+    if isinstance(prompts, str) or is_chat:
+        prompts = [prompts] * len(responses)
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a chat (list of message dicts) or a list of "
+                        f"those, got {type(prompts).__name__}")
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise TypeError(f"responses must be strings, got {type(r).__name__} at index {i}")
+    return list(zip(prompts, responses))
+
+
+def check_cut(encs: Sequence[Encoded], truncate: bool, max_length: int, *, what: str = "pair",
+              stacklevel: int = 4) -> None:
+    """After encoding a call's pairs: nothing if no context was cut; else one `TruncationWarning`
+    (count and indices) or, with truncate=False, a ValueError naming the first."""
+    cut = [i for i, e in enumerate(encs) if e.n_cut]
+    if not cut:
+        return
+    if not truncate:
+        raise ValueError(f"{len(cut)} prompt(s) do not fit in max_length={max_length} "
+                         f"({what} {cut[0]} is {encs[cut[0]].n_cut} token(s) too long); "
+                         "raise max_length or pass truncate=True to cut them from the left")
+    worst = max(encs[i].n_cut for i in cut)
+    warnings.warn(TruncationWarning(
+        f"{len(cut)} of {len(encs)} prompt(s) cut from the left to fit max_length={max_length} "
+        f"(up to {worst} tokens dropped; first: {what} {cut[0]})", cut), stacklevel=stacklevel)
 
 
 # ------------------------------------------------------------------------------------ batches

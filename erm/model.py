@@ -26,7 +26,6 @@ heads from the hidden states with the fused LM-head op: no full-vocabulary logit
 """
 import bisect
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -228,7 +227,7 @@ class EndoRM:
 
         Arguments as in `score`. Returns (sums (N,) float32, n_tokens (N,) int64), CPU tensors.
         """
-        pairs = _pairs(prompts, responses)
+        pairs = lm.pairs(prompts, responses)
         terms = _flags(terminated, len(pairs))
         encs = [self.encode(p, r, system_prompt=system_prompt, terminated=t)
                 for (p, r), t in zip(pairs, terms)]
@@ -331,18 +330,7 @@ class EndoRM:
                                      terminated=terminated)], truncate)
 
     def _check_cut(self, encs: List[lm.Encoded], truncate: bool) -> None:
-        cut = [i for i, e in enumerate(encs) if e.n_cut]
-        if not cut:
-            return
-        worst = max(encs[i].n_cut for i in cut)
-        if not truncate:
-            raise ValueError(f"{len(cut)} prompt(s) do not fit in max_length={self.max_length} "
-                             f"(pair {cut[0]} is {encs[cut[0]].n_cut} token(s) too long); "
-                             "raise max_length or pass truncate=True to cut them from the left")
-        warnings.warn(TruncationWarning(
-            f"{len(cut)} of {len(encs)} prompt(s) cut from the left to fit max_length="
-            f"{self.max_length} (up to {worst} tokens dropped; first: pair {cut[0]})", cut),
-            stacklevel=3)
+        lm.check_cut(encs, truncate, self.max_length)
 
     def _token_texts(self, ids, spans, response) -> List[str]:
         out = []
@@ -379,30 +367,6 @@ class EndoRM:
 
 
 # ---------------------------------------------------------------------- helpers
-def _is_chat(p) -> bool:
-    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
-
-
-def _pairs(prompts, responses) -> List[Tuple[Prompt, str]]:
-    """(prompt, response) pairs, a single prompt broadcast; types checked."""
-    if isinstance(responses, str):
-        responses = [responses]
-    if not isinstance(responses, (list, tuple)):
-        raise TypeError(f"responses must be a string or a list of strings, got "
-                        f"{type(responses).__name__}")
-    if isinstance(prompts, str) or _is_chat(prompts):
-        prompts = [prompts] * len(responses)
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a string, a chat (list of message dicts) or a list of "
-                        f"those, got {type(prompts).__name__}")
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise TypeError(f"responses must be strings, got {type(r).__name__} at index {i}")
-    return list(zip(prompts, responses))
-
-
 def _flags(terminated, n: int) -> List[bool]:
     """`terminated` as n bools: one bool broadcast, or a sequence / array / tensor of n."""
     if isinstance(terminated, bool):

@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lm
-from .lm import Prompt, TruncationWarning
+from .lm import Prompt
 from .sentences import split_sentences
 
 __all__ = ["SentenceRM", "SentenceScore", "SentenceHead", "sentence_markers",
@@ -329,32 +328,13 @@ class SentenceRM(nn.Module):
                     truncate: bool = True, what: str = "pair") -> List[_Example]:
         """`encode` for lists (one prompt broadcast), errors naming the pair index; a cut
         context warns once (`TruncationWarning`) or, with truncate=False, raises."""
-        if isinstance(responses, str):
-            responses = [responses]
-        if not isinstance(responses, (list, tuple)):
-            raise TypeError(f"responses must be a string or a list of strings, got "
-                            f"{type(responses).__name__}")
-        if isinstance(prompts, str) or _is_chat(prompts):
-            prompts = [prompts] * len(responses)
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a string, a chat (list of message dicts) or a "
-                            f"list of those, got {type(prompts).__name__}")
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        for i, (p, r) in enumerate(lm.pairs(prompts, responses)):
             try:
                 out.append(self.encode(p, r, system_prompt=system_prompt))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{what} {i}: {exc}") from None
-        cut = [i for i, e in enumerate(out) if e.n_cut]
-        if cut and not truncate:
-            raise ValueError(f"{len(cut)} prompt(s) do not fit in max_length={self.max_length} "
-                             f"({what} {cut[0]} is {out[cut[0]].n_cut} token(s) too long)")
-        if cut:
-            warnings.warn(TruncationWarning(
-                f"{len(cut)} of {len(out)} prompt(s) cut from the left to fit max_length="
-                f"{self.max_length} (first: {what} {cut[0]})", cut), stacklevel=3)
+        lm.check_cut(out, truncate, self.max_length, what=what)
         return out
 
     def check_pair(self, prompt: Prompt, response: str, *, system_prompt: Optional[str] = None,
@@ -521,10 +501,6 @@ def _eval_mode(module: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
-
-
-def _is_chat(p) -> bool:
-    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
 
 
 def _backbone_name(name_or_path: Optional[str]) -> Optional[str]:
