@@ -715,8 +715,11 @@ def main(argv: Optional[List[str]] = None, *, rm=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    ok = False
     try:
-        return int(args.func(args, rm) or 0)
+        rc = int(args.func(args, rm) or 0)
+        ok = True
+        return rc
     except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         # user errors: bad data (DataError is a ValueError), a response too long for
         # --max-length, a missing file; anything else is a bug and keeps its traceback
@@ -728,6 +731,9 @@ def main(argv: Optional[List[str]] = None, *, rm=None) -> int:
     except KeyboardInterrupt:
         print("erm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from .dp import shutdown
+        shutdown(sync=ok)  # under torchrun: leave the process group before the interpreter exits
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group, if one was joined, after a last barrier (`sync`, when every
+    rank got here): a gloo group left to the interpreter's exit, or left while a peer still
+    talks to it, can abort the process while its threads are torn down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(n: int, rank: int, size: int) -> range:
     """The contiguous rows [start, stop) of `rank` among `size` ranks (sizes differ by ≤ 1)."""
     return range(n * rank // size, n * (rank + 1) // size)
@@ -89,6 +101,7 @@ def score_rows(todo: Sequence[int], score: Callable[[List[int]], Sequence[float]
 
     bar = tqdm(total=total, initial=done, desc="scoring", unit="row",
                disable=not progress or rank != 0, leave=False)
+    counted = {}  # part file -> (bytes read, lines in them): each file is read once, as it grows
     with open(part_path(out, rank), "a", encoding="utf-8") as f, bar:
         for k in range(0, len(todo), chunk):
             idx = list(todo[k:k + chunk])
@@ -97,9 +110,20 @@ def score_rows(todo: Sequence[int], score: Callable[[List[int]], Sequence[float]
                             for i, v in zip(idx, values)))
             f.flush()
             os.fsync(f.fileno())
-            if rank == 0:
-                bar.n = min(total, sum(1 for p in parts(out) for _ in p.open(encoding="utf-8")))
+            if rank == 0 and not bar.disable:
+                bar.n = min(total, _count_lines(parts(out), counted))
                 bar.refresh()
+
+
+def _count_lines(paths, counted: dict) -> int:
+    """Lines in `paths`, reading only what each file gained since the last call."""
+    for p in paths:
+        seen, n = counted.get(p, (0, 0))
+        with open(p, "rb") as fh:
+            fh.seek(seen)
+            new = fh.read()
+        counted[p] = (seen + len(new), n + new.count(b"\n"))
+    return sum(n for _, n in counted.values())
 
 
 def remove_parts(out) -> None:

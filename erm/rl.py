@@ -770,7 +770,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m erm.rl [--flags]`: train with RLConfig built from the flags."""
     p = argparse.ArgumentParser(prog="python -m erm.rl", description=__doc__.split("\n\n")[0])
     _add_config_flags(p)
-    return _run(p.parse_args(argv))
+    from .dp import shutdown
+    rc = _run(p.parse_args(argv))
+    shutdown()
+    return rc
 
 
 if __name__ == "__main__":
