@@ -715,11 +715,10 @@ def main(argv: Optional[List[str]] = None, *, rm=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    ok = False
+    code = EXIT_USAGE
     try:
-        rc = int(args.func(args, rm) or 0)
-        ok = True
-        return rc
+        code = int(args.func(args, rm) or 0)
+        return code
     except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         # user errors: bad data (DataError is a ValueError), a response too long for
         # --max-length, a missing file; anything else is a bug and keeps its traceback
@@ -730,10 +729,12 @@ def main(argv: Optional[List[str]] = None, *, rm=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("erm: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     finally:
-        from .dp import shutdown
-        shutdown(sync=ok)  # under torchrun: leave the process group before the interpreter exits
+        if argv is None and sys.exc_info()[0] is None:  # the console script under torchrun
+            from .dp import exit_if_joined
+            exit_if_joined(code, sync=code == 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

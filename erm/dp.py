@@ -51,14 +51,31 @@ def barrier() -> None:
 
 def shutdown(sync: bool = True) -> None:
     """Leave the process group, if one was joined, after a last barrier (`sync`, when every
-    rank got here): a gloo group left to the interpreter's exit, or left while a peer still
-    talks to it, can abort the process while its threads are torn down."""
+    rank got here)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if sync:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_if_joined(code: int, sync: bool = True) -> None:
+    """For a command-line entry point under torchrun: when a process group was joined, meet the
+    other ranks at a last barrier (`sync`), flush the output and end the process with `code`
+    at once. Left to the interpreter's exit, gloo's threads abort a rank now and then while they
+    are torn down, after the work is done and written. Returns (does nothing) otherwise."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sync:
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard(n: int, rank: int, size: int) -> range:
