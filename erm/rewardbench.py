@@ -10,7 +10,7 @@
 Formats (one record per line, or one row per Parquet row; other fields are ignored):
 
 * v1 (allenai/reward-bench): ``{"prompt", "chosen", "rejected", "subset", "id"?}`` with string
-  responses (message lists are read too, as `erm.evaluate.load_pairs` reads them). A pair is won
+  responses (message lists are read too, as `erm.data.load_pairs` reads them). A pair is won
   when chosen scores strictly above rejected (RewardBench counts a tie as a loss). Each subset's
   accuracy is weighted by its prompt count in `EXAMPLE_COUNTS` inside its section of
   `SUBSET_MAPPING` (Chat, Chat Hard, Safety, Reasoning; math-prm upweighted to 984 as RewardBench
@@ -36,10 +36,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from .evaluate import DataError, _json_lines, _no_cut, _parse_record
+from .data import DataError, parse_record
+from .data import read_records as _records
+from .evaluate import _no_cut
 from .model import reduce_rewards
 
 __all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "V2Item", "RewardBenchData", "detect",
@@ -93,7 +94,7 @@ class V2Item:
 
 @dataclass
 class RewardBenchData:
-    """What `load` returns: version ("v1" | "v2"), items (`erm.evaluate.Pair` for v1, `V2Item`
+    """What `load` returns: version ("v1" | "v2"), items (`erm.data.Pair` for v1, `V2Item`
     for v2) and the source it was read from."""
 
     version: str
@@ -105,47 +106,6 @@ class RewardBenchData:
 
 
 # ------------------------------------------------------------------------------------- reading
-def _is_parquet(path) -> bool:
-    p = Path(path)
-    if p.suffix.lower() in (".parquet", ".pq"):
-        return True
-    try:
-        with open(p, "rb") as f:
-            return f.read(4) == b"PAR1"
-    except OSError:
-        return False
-
-
-def _records(path, limit: Optional[int] = None):
-    """(where, record) pairs of a JSONL (plain or gzip) or Parquet file, in order."""
-    source = str(path)
-    if _is_parquet(path):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            from datasets import Dataset
-            rows = Dataset.from_parquet(str(path))
-            if limit is not None:
-                rows = rows.select(range(min(limit, len(rows))))
-            rows = rows.to_list()
-        except ImportError:
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError(f"{source}: reading Parquet needs the `datasets` (or `pyarrow`) "
-                                "package: pip install datasets") from None
-            rows = pq.read_table(str(path)).to_pylist()
-        except Exception as exc:  # a corrupt file
-            raise DataError(f"{source}: cannot read Parquet: {exc}") from None
-        for i, rec in enumerate(rows[:limit] if limit is not None else rows):
-            yield f"{source}: row {i + 1}", rec
-        return
-    for k, (lineno, rec) in enumerate(_json_lines(path)):
-        if limit is not None and k >= limit:
-            return
-        yield f"{source}: line {lineno}", rec
-
-
 def _kind(rec) -> Optional[str]:
     if not isinstance(rec, dict):
         return None
@@ -239,7 +199,7 @@ def _load(path, sample: int = 50) -> tuple:
     items = []
     for where, rec in itertools.chain(head, records):
         try:
-            items.append(dataclasses.replace(_parse_record(rec), where=where)
+            items.append(dataclasses.replace(parse_record(rec), where=where)
                          if version == "v1" else _v2_item(rec, where))
         except ValueError as exc:
             raise DataError(f"{where}: {exc}") from None

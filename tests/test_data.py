@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from erm.evaluate import DataError, Pair, default_data_path, load_pairs, load_records
+from erm.data import DataError, Pair, default_data_path, load_pairs, load_records
 
 SUBSETS = {"factuality", "arithmetic", "safety", "instruction_following"}
 

@@ -6,7 +6,8 @@ import types
 import pytest
 import torch
 
-from erm.evaluate import DataError, Pair, evaluate, format_table, load_pairs, plot_report
+from erm.data import DataError, Pair, load_pairs
+from erm.evaluate import evaluate, format_table, plot_report
 from erm.judge import judge_messages, judge_scores
 from tests.tiny import tiny_model_and_tokenizer
 

@@ -7,7 +7,7 @@ import torch
 
 import erm
 from erm import rewardbench as rb
-from erm.evaluate import DataError
+from erm.data import DataError
 from tests.tiny import tiny_model_and_tokenizer
 
 

@@ -12,7 +12,8 @@ import torch
 
 import erm
 from erm import SentenceRM, train_sentence_rm
-from erm.evaluate import DataError, Pair, evaluate
+from erm.data import DataError, Pair
+from erm.evaluate import evaluate
 from erm.sentence_rm import (is_sentence_rm_dir, load_for_eval, read_config,
                              sentence_markers)
 from erm.sentences import split_sentences
