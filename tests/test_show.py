@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 from matplotlib import font_manager as fm  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from erm import show  # noqa: E402
+from erm import show, typeset  # noqa: E402
 
 PROMPT = "请用中文和日本語回答: What is the capital of France? フランスの首都はどこですか？"
 RESPONSE = ("The capital of France is Paris. 法国的首都是巴黎，这是一个众所周知的事实。"
@@ -82,14 +82,14 @@ def test_no_overlap_and_inside_the_figure(figure, width):
 
 
 def test_cjk_glyphs_use_a_cjk_font(figure):
-    if not show.cjk_fonts():
+    if not typeset.cjk_fonts():
         pytest.skip("no font with CJK glyphs is installed")
     texts, _ = _texts(figure())
     drawn = 0
     for t, _ in texts:
         for ch in CJK.findall(t.get_text()):
             path = fm.findfont(t.get_fontproperties())
-            assert ord(ch) in show._charmap(path), (ch, path)
+            assert ord(ch) in typeset._charmap(path), (ch, path)
             drawn += 1
     assert drawn >= 10
 
@@ -97,50 +97,50 @@ def test_cjk_glyphs_use_a_cjk_font(figure):
 def test_a_cjk_font_newer_than_matplotlibs_font_cache_is_found(monkeypatch):
     """A CJK font installed after matplotlib cached its font list is still used."""
     installed = tuple(p for p in fm.findSystemFonts()
-                      if all(ord(c) in show._charmap(p) for c in show._CJK_PROBE))
+                      if all(ord(c) in typeset._charmap(p) for c in typeset._CJK_PROBE))
     if not installed:
         pytest.skip("no font with CJK glyphs is installed")
     stale = [e for e in fm.fontManager.ttflist if e.fname not in installed]
     monkeypatch.setattr(fm.fontManager, "ttflist", stale)
-    show.cjk_fonts.cache_clear()
+    typeset.cjk_fonts.cache_clear()
     try:
-        found = show.cjk_fonts()
+        found = typeset.cjk_fonts()
         assert found and set(found) <= set(installed), (found, installed)
         assert set(found) <= {e.fname for e in fm.fontManager.ttflist}
     finally:
-        show.cjk_fonts.cache_clear()
+        typeset.cjk_fonts.cache_clear()
 
 
 def test_without_cjk_font_characters_are_replaced(figure, monkeypatch):
-    monkeypatch.setattr(show, "cjk_fonts", lambda: ())
+    monkeypatch.setattr(typeset, "cjk_fonts", lambda: ())
     texts, missing = _texts(figure())
     assert not missing, missing
     joined = "".join(t.get_text() for t, _ in texts)
     assert not CJK.search(joined)
     for t, _ in texts:  # what is drawn, each font has (the emoji: DejaVu Sans, or replaced)
         path = fm.findfont(t.get_fontproperties())
-        assert all(ord(c) in show._charmap(path) for c in t.get_text() if not c.isspace()), \
+        assert all(ord(c) in typeset._charmap(path) for c in t.get_text() if not c.isspace()), \
             (t.get_text(), path)
-    assert joined.count(show.REPLACEMENT) >= 20
+    assert joined.count(typeset.REPLACEMENT) >= 20
     assert "Berlin" in joined and "Ünïcödé" in joined
 
 
 def test_cells_and_wrapping():
-    assert show.text_cells("ab中文。😀e\u0301") == 2 + 4 + 2 + 2 + 1
+    assert typeset.text_cells("ab中文。😀e\u0301") == 2 + 4 + 2 + 2 + 1
     for width, indent in ((10, 2), (17, 0), (3, 1)):
-        lines = show._wrap_cells(PROMPT + " " + RESPONSE, width, indent)
-        assert all(show.text_cells(x) <= width for x in lines), (width, lines)
+        lines = typeset.wrap_cells(PROMPT + " " + RESPONSE, width, indent)
+        assert all(typeset.text_cells(x) <= width for x in lines), (width, lines)
         assert "".join(lines).replace(" ", "").replace("\n", "") == \
             (PROMPT + RESPONSE).replace(" ", "").replace("\n", "")
     tr, _ = _fake(RESPONSE)
-    placed, n = show._wrap_segments(show.segments(RESPONSE, tr.offsets, tr.tokens), 20)
+    placed, n = typeset.wrap_segments(show.segments(RESPONSE, tr.offsets, tr.tokens), 20)
     rows = {}
     for line, col, text, j, special in placed:
-        assert col + show.text_cells(text) <= 20
+        assert col + typeset.text_cells(text) <= 20
         assert rows.get(line, 0) <= col  # pieces of a line do not overlap
-        rows[line] = col + show.text_cells(text)
+        rows[line] = col + typeset.text_cells(text)
     assert n == max(rows) + 1
-    runs = show.glyph_runs("ab中c", show._font_chain())
+    runs = typeset.glyph_runs("ab中c", typeset._font_chain())
     assert [(c, n) for c, _, _, n in runs][:1] == [(0, 2)] and runs[-1][0] == 4
 
 
