@@ -1,4 +1,5 @@
-"""Data-parallel, resumable scoring: `erm score` under `torchrun`, and across crashes.
+"""Data parallelism: the torchrun process group, resumable data-parallel scoring (`erm score`
+under `torchrun`, and across crashes) and the DDP / FSDP2 wrappers of the RL policy (`erm rl`).
 
     torchrun --nproc-per-node 4 -m erm score --data in.jsonl --out out.jsonl [--resume]
 
@@ -15,20 +16,41 @@ at most one chunk per rank: `--resume` reads every part file each rank can see (
 of ranks; without a shared file system a node sees the parts its own ranks wrote, so resume on
 the same nodes or copy the parts), the ranks pool what they read, score only the rows missing
 and then merge. Rank 0 shows a progress bar read from the part files it sees.
+
+Training (`erm.rl.Trainer` under torchrun): `wrap_ddp` replicates the policy, `wrap_fsdp` shards
+it with FSDP2; both wrap `PolicyStats`, the policy's response statistics as one module, so the
+wrapper's backward reduces the gradients. `grad_sync` turns that reduction off between
+micro-batches, `all_sum` sums the metrics over the ranks.
+
+Two views of the ranks: `torchrun_env` reads what torchrun put in the environment (before a
+process group exists); `rank_and_size` asks the process group that was joined.
 """
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import lm
 
-def world() -> tuple:
-    """(rank, world size, local rank) from the torchrun environment ((0, 1, 0) without it)."""
+
+def torchrun_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment variables RANK, WORLD_SIZE,
+    LOCAL_RANK ((0, 1, 0) without them), whether or not a process group was joined."""
     env = os.environ
     return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
             int(env.get("LOCAL_RANK", 0)))
+
+
+def rank_and_size() -> Tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def init(device=None) -> tuple:
@@ -38,7 +60,7 @@ def init(device=None) -> tuple:
     a GPU is visible, else None)."""
     import torch.distributed as dist
 
-    rank, size, local = world()
+    rank, size, local = torchrun_env()
     if device is None and torch.cuda.is_available() and size > 1:
         device = f"cuda:{local}"
     if size > 1 and not dist.is_initialized():
@@ -227,6 +249,19 @@ def gather_objects(obj) -> list:
     return got
 
 
+def all_sum(values: Sequence[float], device) -> List[float]:
+    """Element-wise SUM over the ranks of a list of floats (or 0-dim tensors), reduced as one
+    float64 tensor on `device` (the process group's device); the values themselves, as floats,
+    without a process group of more than one rank."""
+    import torch.distributed as dist
+
+    if rank_and_size()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def agree(error: Optional[str]) -> Optional[str]:
     """The first rank's error message (None when no rank has one), on every rank: ranks that
     must stop together, when one of them cannot go on, do so instead of waiting on the others
@@ -259,3 +294,98 @@ def _count_lines(paths, counted: dict) -> int:
 def remove_parts(out) -> None:
     for p in parts(out):
         p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the RL policy's wrappers
+class PolicyStats(torch.nn.Module):
+    """The policy's response statistics as one module, so that DDP or FSDP wraps the whole
+    forward (the model body and the fused head) and reduces the policy's gradients in its
+    backward. Under FSDP, `generate` is a forward method too (its parameters are gathered).
+
+    forward(input_ids (B, T) int64, attention_mask (B, T), start: int, targets (B, R) int64,
+    *, alpha, entropy, compute_dtype) -> `erm.lm.window_token_stats` of the policy, each
+    (B, R) tensor a fresh one (not a view)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, start, targets, *, alpha, entropy,
+                compute_dtype=None):
+        st = lm.window_token_stats(self.policy, input_ids, attention_mask, start, targets,
+                                   alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
+        # (B, R) outputs of their own, not views: the wrapper hooks its backward onto them
+        return type(st)(*(t if t is None or t._base is None else t.clone() for t in st))
+
+    def generate(self, **kw):
+        """`policy.generate` in step with the other ranks (`synced_gpus`: every rank runs the
+        same number of decoding steps, as the all-gathers of a sharded policy need)."""
+        return self.policy.generate(**kw, synced_gpus=rank_and_size()[1] > 1)
+
+
+def is_ddp(module) -> bool:
+    """Whether `module` is a DistributedDataParallel wrapper (`wrap_ddp`)."""
+    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
+def is_fsdp(module) -> bool:
+    """Whether `module` is the FSDP2 root of the policy (`wrap_fsdp`)."""
+    return isinstance(module, PolicyStats) and hasattr(module, "set_requires_gradient_sync")
+
+
+def is_data_parallel(module) -> bool:
+    """A DDP or FSDP wrapper of the policy (`wrap_ddp`, `wrap_fsdp`): calling it gives the
+    policy's statistics (`PolicyStats`) and its backward reduces the gradients."""
+    return is_ddp(module) or is_fsdp(module)
+
+
+def wrap_ddp(policy):
+    """DDP over `PolicyStats(policy)` (the policy's parameters, broadcast from rank 0)."""
+    dev = next(policy.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        PolicyStats(policy), device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _fsdp_api():
+    try:  # public from torch 2.6 on
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:  # pragma: no cover - older layouts
+        from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
+    return fully_shard, register_fsdp_forward_method
+
+
+def fsdp_on_cpu() -> bool:
+    """Whether this torch's FSDP2 runs on CPU tensors (it needs CPU stream events; torch 2.6's
+    has none)."""
+    return hasattr(torch.cpu.current_stream(), "record_event")
+
+
+def wrap_fsdp(policy):
+    """FSDP2 over `PolicyStats(policy)`: every block of the model's layer lists (the decoder
+    layers) is its own shard group, the root holds the rest (embeddings, final norm and LM head,
+    tied or not). `policy`'s parameters become this rank's shards (DTensors) in place, so build
+    the optimizer after wrapping; `.generate` of the wrapper samples with the gathered weights."""
+    fully_shard, register_fsdp_forward_method = _fsdp_api()
+    if next(policy.parameters()).device.type == "cpu" and not fsdp_on_cpu():
+        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 cannot run on the CPU: use a "
+                           "GPU, DDP (no --fsdp), or a newer torch")
+    stats = PolicyStats(policy)
+    for mod in policy.modules():
+        if isinstance(mod, torch.nn.ModuleList):
+            for block in mod:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(stats)
+    register_fsdp_forward_method(stats, "generate")
+    return stats
+
+
+def grad_sync(policy, sync: bool):
+    """A context in which backward reduces the gradients over the ranks or (sync False) only
+    accumulates them: DDP's `no_sync`, FSDP's `set_requires_gradient_sync`; a no-op context for
+    a policy that is not wrapped."""
+    if is_fsdp(policy):
+        policy.set_requires_gradient_sync(sync)
+    elif is_ddp(policy) and not sync:
+        return policy.no_sync()
+    return contextlib.nullcontext()

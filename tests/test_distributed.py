@@ -358,7 +358,7 @@ def _check_rl_update(rank, world, wrap="ddp", tie=False):
     batch."""
     import copy
 
-    from erm import rl
+    from erm import dp as erm_dp, rl
     from tests.tiny import tiny_model_and_tokenizer
     model, tok = tiny_model_and_tokenizer("llama", seed=0, tie=tie)
     cfg = rl.RLConfig(prompts_per_step=world, k=2, lr=0.1, ppo_epochs=2, micro_batch=1,
@@ -370,7 +370,7 @@ def _check_rl_update(rank, world, wrap="ddp", tie=False):
     m1 = rl.update(one, torch.optim.SGD(one.parameters(), lr=cfg.lr), batch, adv, ref_lp, cfg)
     dp = copy.deepcopy(model).requires_grad_(True)
     i, j = 2 * rank, 2 * rank + 2   # this rank's group
-    wrapped = (rl.wrap_fsdp if wrap == "fsdp" else rl.wrap_ddp)(dp)
+    wrapped = (erm_dp.wrap_fsdp if wrap == "fsdp" else erm_dp.wrap_ddp)(dp)
     if wrap == "fsdp":   # the parameters are this rank's shards now
         assert all(hasattr(q, "full_tensor") for q in dp.parameters())
     m2 = rl.update(wrapped, torch.optim.SGD(dp.parameters(), lr=cfg.lr),
@@ -426,7 +426,7 @@ def test_rl_update_under_ddp_equals_one_process(tmp_path):
     _spawn(2, [("_check_rl_update", ()), ("_check_rl_two_steps", (str(tmp_path / "run"),))])
 
 
-@pytest.mark.skipif(not __import__("erm.rl").rl.fsdp_on_cpu(),
+@pytest.mark.skipif(not __import__("erm.dp").dp.fsdp_on_cpu(),
                     reason="this torch's FSDP2 cannot run on the CPU")
 def test_rl_update_under_fsdp_equals_one_process(tmp_path):
     """FSDP2 (`--fsdp`): an untied and a tied LM head; sharded sampling, evaluation,
