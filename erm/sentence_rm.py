@@ -53,10 +53,12 @@ from torch import Tensor, nn
 from . import lm
 from ._checks import check_int
 from .lm import Prompt
+from .scoring import in_batches
 from .sentences import split_sentences
 
 __all__ = ["SentenceRM", "SentenceScore", "SentenceHead", "sentence_markers",
-           "is_sentence_rm_dir", "load_for_eval", "AGGREGATES", "CONFIG_NAME", "HEAD_NAME"]
+           "is_sentence_rm_dir", "load_for_eval", "eval_mode", "AGGREGATES", "CONFIG_NAME",
+           "HEAD_NAME"]
 
 AGGREGATES = ("attention", "sum", "last")
 #: Files of a saved SentenceRM directory.
@@ -252,8 +254,13 @@ class SentenceRM(nn.Module):
 
     Attributes: `backbone`, `tokenizer`, `head` (`SentenceHead`), `aggregate`, `end_ids`,
     `backbone_name`, `backbone_tuned` (True once the backbone was trained: then its weights are
-    saved), `system_prompt`, `batch_size`, `max_length`.
+    saved), `system_prompt`, `batch_size`, `max_length`; and those of the `erm.scoring.Scorer`
+    protocol it implements (`kind` "sentence_rm", `label`, no `reductions`, `cuts_prompts`).
     """
+
+    kind = "sentence_rm"
+    reductions = ()
+    cuts_prompts = True
 
     def __init__(self, backbone, tokenizer, *, aggregate: str = "attention", attn_dim: int = 256,
                  rope: bool = True, rope_base: float = 10000.0,
@@ -289,6 +296,16 @@ class SentenceRM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """How reports name it: "SentenceRM (<aggregate>)"."""
+        return f"SentenceRM ({self.aggregate})"
+
+    @property
+    def causal_lm(self):
+        """The causal LM whose hidden states score (`backbone`)."""
+        return self.backbone
 
     def __repr__(self) -> str:
         name = self.backbone_name if self.backbone_name is not _UNNAMED else \
@@ -387,17 +404,11 @@ class SentenceRM(nn.Module):
     def score_examples(self, examples: Sequence[_Example], *,
                        progress: Optional[bool] = None) -> Tensor:
         """(N,) float32 CPU rewards of encoded examples, in length-sorted batches."""
-        from tqdm.auto import tqdm
-
-        out = torch.empty(len(examples), dtype=torch.float32)
-        batches = lm.length_batches([len(e.ids) for e in examples], self.batch_size)
-        show = progress if progress is not None else len(batches) > 1
-        with _eval_mode(self), tqdm(total=len(examples), desc="scoring", unit="pair",
-                                    leave=False, disable=not show) as bar:
-            for idx in batches:
-                out[idx] = self.forward([examples[i] for i in idx]).float().cpu()
-                bar.update(len(idx))
-        return out
+        with eval_mode(self):
+            out = in_batches([len(e.ids) for e in examples], self.batch_size,
+                             lambda idx: self.forward([examples[i] for i in idx]).float().cpu(),
+                             progress=progress)
+        return torch.stack(out) if out else torch.empty(0, dtype=torch.float32)
 
     @torch.inference_mode()
     def sentence_rewards(self, prompt: Prompt, response: str, *,
@@ -407,7 +418,7 @@ class SentenceRM(nn.Module):
         Σ_k weight_k·reward_k is `score(prompt, response)` for "attention" and "sum" (for
         "last" add the value v(end_0) at the end of the prompt)."""
         ex = self.encode_many([prompt], [response], system_prompt=system_prompt)[0]
-        with _eval_mode(self):
+        with eval_mode(self):
             _, r, w, v = self.aggregate_states(self.marker_states([ex]))
         r, w, v = r[0].tolist(), w[0].tolist(), v[0].tolist()
         return [SentenceScore(text=response[s:e], start=s, end=e, reward=r[k], weight=w[k],
@@ -485,8 +496,9 @@ class SentenceRM(nn.Module):
 
 # ---------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Every submodule in eval mode inside the block, each one's own mode restored after."""
+def eval_mode(module: nn.Module):
+    """Every submodule of `module` in eval mode inside the block, each one's own mode (training
+    or eval) restored after, whatever it was; yields `module`."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -494,6 +506,9 @@ def _eval_mode(module: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+_eval_mode = eval_mode  # the former name, until every caller uses eval_mode
 
 
 def _backbone_name(name_or_path: Optional[str]) -> Optional[str]:
