@@ -1,8 +1,10 @@
 """The documentation a user reads stays true: every `erm` command shown in a ```bash block of
 README.md or docs/*.md parses with erm's own argument parser (an option that does not exist, a
 bad choice or a missing required option fails), every relative link and image points at a file
-that exists (and at a heading that exists, for `page.md#anchor`), and the README opens with the
-test command CI runs."""
+that exists (and at a heading that exists, for `page.md#anchor`), every `erm.name` and
+`from erm... import name` the pages show resolves, every source path they name (`erm/...`,
+`kernels/...`, `tests/...`) exists, and the README opens with the test command CI runs."""
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -177,3 +179,79 @@ def test_the_readme_opens_with_the_ci_test_command_and_stays_a_front_page():
     opening = [ln.split("#")[0].strip() for ln in first.group(2).splitlines()]
     assert ci[-1].strip() in opening, (ci[-1], opening)
     assert len(text.splitlines()) <= README_MAX_LINES
+
+
+# ------------------------------------------------------------------------------------------
+# names and paths
+
+_DOTTED = re.compile(r"(?<![\w.])erm(?:\.[A-Za-z_]\w*)+")
+_FROM_IMPORT = re.compile(r"from\s+(erm(?:\.\w+)*)\s+import\s+([\w ,]+)")
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+_SOURCE_DIRS = ("erm/", "kernels/", "csrc/", "tests/", "benches/", "dev/", "docs/", ".ci/")
+# installed names with no module of that name in the source tree: the folder they are built from
+_INSTALLED = {"erm.kernels": "kernels", "erm._C": "csrc"}
+
+
+def _code_of(text: str) -> str:
+    """The ```python blocks and the inline code spans of a page's text."""
+    blocks = [body for lang, body in _FENCE.findall(text) if lang == "python"]
+    return "\n".join(blocks + _CODE_SPAN.findall(_FENCE.sub("", text)))
+
+
+def resolve(dotted: str):
+    """The object `erm.a.b.c` names, importing submodules as needed; AttributeError if none."""
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[:i + 1]))
+        except ModuleNotFoundError:
+            raise AttributeError(f"{dotted}: no {part!r} in {'.'.join(parts[:i])}") from None
+    return obj
+
+
+def _names(code: str):
+    for m in _DOTTED.finditer(code):
+        yield m.group(0)
+    for module, names in _FROM_IMPORT.findall(code):
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            yield f"{module}.{name}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_erm_names_shown_exist(page):
+    missing = []
+    for name in sorted(set(_names(_code_of(page.read_text(encoding="utf-8"))))):
+        root = next((k for k in _INSTALLED if name == k or name.startswith(k + ".")), None)
+        if root is not None:
+            assert (ROOT / _INSTALLED[root]).is_dir(), name
+            continue
+        try:
+            resolve(name)
+        except AttributeError as exc:
+            missing.append(str(exc))
+    assert not missing, f"{_rel(page)}: " + "; ".join(missing)
+
+
+def test_names_are_found_and_checked():
+    code = _code_of("```python\nimport erm\nst = erm.token_stats(z, t).logprob\n"
+                    "from erm.integrations.trl import use_erm_logprobs, entropy_from_logits\n```\n"
+                    "Prose with `erm.lm` and `x.erm.not_a_name`.\n")
+    assert sorted(set(_names(code))) == ["erm.integrations.trl",
+                                         "erm.integrations.trl.entropy_from_logits",
+                                         "erm.integrations.trl.use_erm_logprobs", "erm.lm",
+                                         "erm.token_stats"]
+    with pytest.raises(AttributeError):
+        resolve("erm.token_stats_of_nothing")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_source_paths_named_exist(page):
+    text = _FENCE.sub("", page.read_text(encoding="utf-8"))
+    missing = [span for span in _CODE_SPAN.findall(text)
+               if span.startswith(_SOURCE_DIRS) and re.fullmatch(r"[\w./-]+", span)
+               and not (ROOT / span).exists()]
+    assert not missing, f"{_rel(page)} names paths that do not exist: {missing}"
