@@ -19,14 +19,13 @@ extra memory = torch.cuda.max_memory_allocated during one forward+backward minus
 allocated before (inputs) and the gradients it returns.
 """
 import argparse
-import datetime
 import sys
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import (  # noqa: E402
-    add_common_args, bench_device, device_name, peak_extra_mib, report, sync, time_ms)
+    add_common_args, bench_device, bench_meta, peak_extra_mib, report, save_json, sync, time_ms)
 
 import common  # noqa: E402
 import erm  # noqa: E402
@@ -50,8 +49,6 @@ def make_cases(device, with_compile=True):
             x for x in erm.linear_token_stats(h, w, t, entropy=True, backend="torch")
             if x is not None)
     cases["torch eager"] = eager_stats
-    if with_compile:
-        cases["torch.compile"] = torch.compile(eager_stats, dynamic=False)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         flce = LigerFusedLinearCrossEntropyLoss(reduction="none")
@@ -64,15 +61,22 @@ def make_cases(device, with_compile=True):
             -linear_cross_entropy(h, w, t, reduction="none"),)
     except Exception:
         pass
+    if with_compile:  # last: its first-call compile is the slowest part of a run
+        cases["torch.compile"] = torch.compile(eager_stats, dynamic=False)
     return cases
 
 
-def main(argv=None):
+def parser():
+    """The command line of this bench (argparse)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, reps=20)
     ap.add_argument("--d", type=int, default=3584)
     ap.add_argument("--warmup", type=int, default=5)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     dev = bench_device(args.device, "bench_linear_token_stats")
     if dev is None:
         return []
@@ -86,6 +90,10 @@ def main(argv=None):
     floor_mm = time_ms(lambda: h @ w.t(), dev, warmup=args.warmup, reps=args.reps)
     floor_f, floor_fb = floor_mm, 3 * floor_mm
     grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+    meta = bench_meta(dev, n=args.n, d=args.d, v=args.v, dtype=args.dtype, matmul_ms=floor_mm,
+                      floor_fwd_ms=floor_f, floor_fwdbwd_ms=floor_fb, torch=torch.__version__,
+                      reps=args.reps)
+    meta["floors"]["matmul_ms"] = floor_mm
     rows = []
     for name, fn in make_cases(dev, not args.no_compile).items():
         hg = h.clone().requires_grad_(True)
@@ -123,9 +131,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             continue
         rows.append(dict(name=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms, extra_mib=mem))
-    meta = dict(device=device_name(dev), date=datetime.date.today().isoformat(), n=args.n,
-                d=args.d, v=args.v, dtype=args.dtype, matmul_ms=floor_mm, floor_fwd_ms=floor_f,
-                floor_fwdbwd_ms=floor_fb, torch=torch.__version__, reps=args.reps)
+        if args.json:
+            save_json(args.json, meta, rows)
     header = (f"\n{meta['device']}, {meta['date']}, N={args.n}, D={args.d}, V={args.v}, {args.dtype}; "
               f"floor: hidden @ weight.T = {floor_mm:.3f} ms (fwd 1 matmul, fwd+bwd 3 matmuls = "
               f"{floor_fb:.3f} ms); median of {args.reps}")

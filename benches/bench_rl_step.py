@@ -146,7 +146,8 @@ def run(args):
     return rows, losses
 
 
-def main(argv=None):
+def parser():
+    """The command line of this bench (argparse)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
@@ -168,7 +169,11 @@ def main(argv=None):
                    help="run each path in its own process (default: on CPU)")
     p.add_argument("--json", help="also write the rows and losses to this file")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_rl_step: needs a CUDA GPU (none found); nothing measured. "

@@ -26,6 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)                    # benches/common.py
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -103,8 +104,11 @@ async def run_level(url, concurrency, n_requests):
 
 
 def tiny_model_dir(path):
-    from tests.tiny import tiny_model_and_tokenizer
-    model, tok = tiny_model_and_tokenizer("llama", seed=0)
+    """Save a tiny random Llama (hidden 32, 2 layers) and its small tokenizer in `path`."""
+    from common import random_causal_lm, small_tokenizer
+
+    tok = small_tokenizer()
+    model = random_causal_lm("llama", vocab=len(tok), tie=False, max_positions=512)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

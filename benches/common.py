@@ -1,4 +1,6 @@
-"""Timing helpers shared by the benches: median of many runs, floors measured in the same run."""
+"""Helpers shared by the benches: median of many runs, floors measured in the same run, the
+versions of what ran, and small random models (nothing imported from tests/)."""
+import functools
 import statistics
 import time
 
@@ -116,13 +118,49 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def report(header: str, rows, meta, *, json_path=None, plot_path=None, title="",
-           targets=(None, None)):
-    """Fill each row's ratios to the floors in `meta` (floor_fwd_ms, floor_fwdbwd_ms), print the
-    header line and a markdown table, and optionally dump {meta, rows} as JSON and draw the ratios
-    as a PNG (`plot_ratios`, `title` formatted with meta)."""
+PEER_DISTS = ("triton", "erm", "transformers", "liger-kernel", "cut-cross-entropy", "trl",
+              "quack-kernels", "nvidia-cutlass-dsl")
+
+
+def versions():
+    """{name: version} of torch, its CUDA, and each of PEER_DISTS that is installed."""
+    from importlib import metadata
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for dist in PEER_DISTS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def bench_meta(device, **fields):
+    """The `meta` of a results JSON: {device, date, versions, floors: {}} plus `fields`."""
+    import datetime
+
+    return dict(device=device_name(device), date=datetime.date.today().isoformat(),
+                versions=versions(), floors={}, **fields)
+
+
+def save_json(path, meta, rows):
+    """Write {meta, rows} to `path` (also after each row, so a run stopped by a time limit
+    leaves the rows it measured; `report` writes the final file with the ratios)."""
     import json
 
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def report(header: str, rows, meta, *, json_path=None, plot_path=None, title="",
+           targets=(None, None)):
+    """Fill each row's ratios to the floors in `meta` (floor_fwd_ms, floor_fwdbwd_ms, also
+    collected under meta["floors"]), print the header line and a markdown table, and optionally
+    dump {meta: {device, date, versions, floors, ...}, rows} as JSON and draw the ratios as a PNG
+    (`plot_ratios`, `title` formatted with meta)."""
+    meta.setdefault("versions", versions())
+    meta.setdefault("floors", {}).update(fwd_ms=meta["floor_fwd_ms"],
+                                         fwdbwd_ms=meta["floor_fwdbwd_ms"])
     for r in rows:
         r["fwd_ratio"] = r["fwd_ms"] / meta["floor_fwd_ms"]
         r["fwdbwd_ratio"] = r["fwdbwd_ms"] / meta["floor_fwdbwd_ms"]
@@ -133,8 +171,7 @@ def report(header: str, rows, meta, *, json_path=None, plot_path=None, title="",
         print(f"| {r['name']} | {r['fwd_ms']:.3f} | {r['fwd_ratio']:.2f}x | {r['fwdbwd_ms']:.3f} | "
               f"{r['fwdbwd_ratio']:.2f}x | {r['extra_mib']:.0f} |")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save_json(json_path, meta, rows)
     if plot_path and rows:
         plot_ratios(rows, meta, plot_path, title.format(**meta), targets)
 
@@ -169,3 +206,70 @@ def plot_ratios(rows, meta, path, title, targets=(None, None)):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ small random models
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Berlin is the capital of Germany. Madrid is the capital of Spain.",
+    "You are a helpful assistant. Answer the question briefly and correctly.",
+    "The quick brown fox jumps over the lazy dog. 1. First item\n2. Second item",
+    "def add(a, b):\n    return a + b\nprint(add(2, 3))",
+    "I think the answer is 4. Two plus two equals four. It is not five.",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tk.to_str()
+
+
+def small_tokenizer():
+    """A fast byte-level BPE tokenizer trained in memory (~0.1 s, about 400 tokens, any text
+    encodes) with a ChatML chat template: eos "<|im_end|>", pad "<pad>". Nothing downloaded."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<pad>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def random_causal_lm(arch="qwen2", *, vocab, hidden=32, layers=2, heads=4, kv_heads=2,
+                     intermediate=None, max_positions=2048, tie=True, seed=0, device="cpu"):
+    """A randomly initialised LlamaForCausalLM / Qwen2ForCausalLM (float32, eval mode, sdpa
+    attention, ids 1/2/3 = bos/eos/pad) built on `device`. Qwen2.5-0.5B's shape: hidden 896,
+    layers 24, heads 14, kv_heads 2, intermediate 4864, vocab 151936, tie=True."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    cfg_cls, cls = classes[arch]
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                  rope_theta=1e6)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg)
+    return model.float().eval()
