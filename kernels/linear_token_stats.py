@@ -76,6 +76,12 @@ def _configs():
     return cfgs
 
 
+# ERM_AUTOTUNE=quick / pinned (kernels/autotune.py) search only these, the first one alone if
+# pinned; the last is the float32 ("ieee") tile that does not spill
+_QUICK = [dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=w, num_stages=s) for bn, bv, bd, w, s
+          in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 3)]]
+
+
 @triton.jit
 def _pid_map(pid, nb, n_cols, GROUP: tl.constexpr):
     """Grouped program order: GROUP token blocks vary fastest, then the column index."""
@@ -129,7 +135,7 @@ def _heuristics(fn):
     return triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(fn)
 
 
-@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"], quick=_QUICK)
 @_heuristics
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
@@ -200,7 +206,7 @@ def _dz_tile(z, rows_c, cols, row_ok, col_ok, t_ptr, st_ptr, c_ptr, gh_ptr, ent_
     return dz + tl.where(hit, tw[:, None], 0.0)
 
 
-@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"])
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"], quick=_QUICK)
 @_heuristics
 @triton.jit
 def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_ptr, dz_ptr,
@@ -225,7 +231,7 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, st_ptr, c_ptr, gh_ptr, ent_ptr, tw_pt
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"],
+@autotune(configs=_configs(), key=["D", "V", "HAS_BIAS", "WITH_ENT"], quick=_QUICK,
                  reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 @_heuristics
 @triton.jit

@@ -173,8 +173,14 @@ _FWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (2048, 4096,
                 if b // (32 * w) >= 8]
 _BWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)
                 if b // (32 * w) >= 8]
-_fwd_tuned = autotune(_FWD_CONFIGS, key=["V", "SPLITS", "WITH_ENT"])(_fwd_kernel)
-_bwd_tuned = autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HAS_ENT"])(_bwd_kernel)
+# ERM_AUTOTUNE=quick / pinned (kernels/autotune.py) search only these, the first one alone if pinned
+_FWD_QUICK = [dict(BLOCK_V=8192, num_warps=8), dict(BLOCK_V=4096, num_warps=8),
+              dict(BLOCK_V=8192, num_warps=16)]
+_BWD_QUICK = [dict(BLOCK_V=4096, num_warps=8), dict(BLOCK_V=8192, num_warps=8),
+              dict(BLOCK_V=4096, num_warps=4)]
+_fwd_tuned = autotune(_FWD_CONFIGS, key=["V", "SPLITS", "WITH_ENT"], quick=_FWD_QUICK)(_fwd_kernel)
+_bwd_tuned = autotune(_BWD_CONFIGS, key=["V", "HAS_LP", "HAS_LSE", "HAS_TL", "HAS_ENT"],
+                      quick=_BWD_QUICK)(_bwd_kernel)
 
 
 def _layout(logits):
