@@ -25,6 +25,7 @@ from typing import Dict, Sequence
 # the readers live in erm.data; erm.evaluate names the ones its callers use with it
 from .data import (DEFAULT_SUBSET, DataError, Pair, default_data_path,  # noqa: F401
                    load_pairs, load_records)
+from .scoring import Scorer, truncate_option
 
 #: Method name -> human-readable label (the column headers of `format_table`).
 METHODS = {
@@ -53,18 +54,13 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
-def _no_cut(truncate: bool) -> dict:
-    """Keyword arguments that ask a scorer not to cut prompts (none by default, so stand-in
-    scorers without a `truncate` argument keep working)."""
-    return {} if truncate else {"truncate": False}
-
-
 def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progress, batch_size,
                    cache: dict, truncate: bool = True):
     if method in ("endorm_sum", "endorm_mean"):
         if "endorm" not in cache:  # one forward serves both reductions
             cache["endorm"] = rm.response_rewards(prompts, responses, system_prompt=system_prompt,
-                                                  progress=progress, **_no_cut(truncate))
+                                                  progress=progress,
+                                                  **truncate_option(rm, truncate))
         sums, lengths = cache["endorm"]
         out = sums.double() if method == "endorm_sum" else sums.double() / lengths
         return [float(x) for x in out.tolist()]
@@ -75,21 +71,22 @@ def _method_scores(rm, method: str, prompts, responses, *, system_prompt, progre
     if method == "length":
         return [float(len(r)) for r in responses]
     if method in cache.get("srms", {}):
-        out = cache["srms"][method].score(prompts, responses, system_prompt=system_prompt,
-                                       progress=progress, **_no_cut(truncate))
+        srm = cache["srms"][method]
+        out = srm.score(prompts, responses, system_prompt=system_prompt, progress=progress,
+                        **truncate_option(srm, truncate))
         return [float(x) for x in out.tolist()]
     raise AssertionError(method)
 
 
-def _subset_counts(subsets: Sequence[str]) -> Dict[str, int]:
-    """{subset: number of pairs} of the pairs' subsets, in sorted subset order."""
+def subset_counts(subsets: Sequence[str]) -> Dict[str, int]:
+    """{subset: number of pairs} of the pairs' subsets (N strings), in sorted subset order."""
     return {s: sum(x == s for x in subsets) for s in sorted(set(subsets))}
 
 
-def _method_result(label: str, outcomes: Sequence[float], subsets: Sequence[str],
+def method_result(label: str, outcomes: Sequence[float], subsets: Sequence[str],
                    counts: Dict[str, int], seconds: float) -> dict:
     """A method's entry of the report from its per-pair outcomes and the pairs' subsets:
-    accuracy overall and per subset (`counts`: `_subset_counts(subsets)`), ties and seconds."""
+    accuracy overall and per subset (`counts`: `subset_counts(subsets)`), ties and seconds."""
     return {
         "label": label,
         "accuracy": sum(outcomes) / len(outcomes),
@@ -110,14 +107,13 @@ def method_label(method: str) -> str:
 
 def _srm_methods(srm, rm, methods) -> dict:
     """{method name: SentenceRM} of the SentenceRM columns asked for in `methods`."""
-    from .sentence_rm import SentenceRM
     table = dict(srm) if isinstance(srm, dict) else {}
     if "srm" in methods and not table:
         table["srm"] = srm if srm is not None else rm
     for name, model in table.items():
         if name != "srm" and not name.startswith("srm_"):
             raise ValueError(f"SentenceRM method {name!r}: names are 'srm' or start with 'srm_'")
-        if not isinstance(model, SentenceRM):
+        if not (isinstance(model, Scorer) and model.kind == "sentence_rm"):
             raise ValueError(f"method {name!r} needs a SentenceRM (evaluate(..., srm=...))")
     missing = [m for m in methods if m.startswith("srm") and m not in table]
     if missing:
@@ -136,7 +132,8 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
         methods: names from `METHODS`: "endorm_sum", "endorm_mean", "judge", "length".
         progress: show tqdm progress bars.
         system_prompt: passed to `rm.score` (None: the model's own).
-        batch_size: batch size of the judge (default `rm.batch_size`, else 8).
+        batch_size: batch size of the judge (default `rm.batch_size`; 8 for a model that is not
+            an `erm.scoring.Scorer`).
         srm: the `erm.SentenceRM` that method "srm" scores with (default: `rm` when it is one),
             or several as {method name: SentenceRM}, names "srm" or starting with "srm_"
             ("srm_last" is labelled "SentenceRM (last)", "srm_last_dir" "SentenceRM (last, dir)");
@@ -167,15 +164,13 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"duplicate methods in {methods}")
-    if batch_size is None:
-        batch_size = getattr(rm, "batch_size", 8) or 8
     n = len(pairs)
     if not n:
         raise ValueError("no preference pairs to evaluate")
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     subsets = [p.subset for p in pairs]
-    counts = _subset_counts(subsets)
+    counts = subset_counts(subsets)
 
     results = {}
     per_pair = [{"index": i, "subset": p.subset, "prompt": p.prompt, "chosen": p.chosen,
@@ -188,7 +183,7 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
                                 truncate=truncate)
         seconds = time.perf_counter() - t0
         outcomes = [_outcome(scores[i], scores[n + i]) for i in range(n)]
-        results[m] = _method_result(method_label(m), outcomes, subsets, counts, seconds)
+        results[m] = method_result(method_label(m), outcomes, subsets, counts, seconds)
         for i, row in enumerate(per_pair):
             row["scores"][m] = [_finite(scores[i]), _finite(scores[n + i])]
             row["outcome"][m] = outcomes[i]
@@ -262,3 +257,13 @@ def plot_report(report: dict, path, *, title=None) -> None:
         fig.savefig(path)
     finally:
         plt.close(fig)
+
+
+# the former names, until every caller uses the public ones
+_method_result, _subset_counts = method_result, subset_counts
+
+
+def _no_cut(truncate: bool) -> dict:
+    """The keyword arguments that ask a scorer not to cut prompts (`erm.scoring.truncate_option`
+    replaces this: the scorer says whether it takes `truncate`)."""
+    return {} if truncate else {"truncate": False}

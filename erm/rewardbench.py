@@ -40,8 +40,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from .data import DataError, parse_record
 from .data import read_records as _records
-from .evaluate import _no_cut
 from .model import reduce_rewards
+from .scoring import one_reward, truncate_option
 
 __all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "V2Item", "RewardBenchData", "detect",
            "is_rewardbench", "load", "try_load", "score", "report", "evaluate", "format_table",
@@ -242,8 +242,9 @@ def score(rm, data, *, reduction: str = "sum", system_prompt: Optional[str] = No
           progress: Optional[bool] = None, truncate: bool = True) -> List[List[float]]:
     """Endogenous rewards of every completion: per item [chosen, rejected] (v1) or the
     completions in chosen + rejected order (v2). One `rm.response_rewards` call over all pairs
-    (length-bucketed batches); empty v2 completions get −inf. A model without
-    `response_rewards` (an `erm.SentenceRM`) gives its `score` (`reduction` does not apply)."""
+    (length-bucketed batches); empty v2 completions get −inf. A scorer with one response
+    reward (no `erm.scoring.Scorer.reductions`: an `erm.SentenceRM`) gives its `score`
+    (`reduction` does not apply; `erm.scoring.one_reward`)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     data = _data(data)
@@ -257,12 +258,12 @@ def score(rm, data, *, reduction: str = "sum", system_prompt: Optional[str] = No
                 responses.append(c)
                 slots.append((k, j))
     out = [[float("-inf")] * len(c) for c in groups]
-    if responses and not hasattr(rm, "response_rewards"):
+    if responses and one_reward(rm):  # a SentenceRM
         vals = rm.score(prompts, responses, system_prompt=system_prompt, progress=progress,
-                        **_no_cut(truncate))
+                        **truncate_option(rm, truncate))
     elif responses:
         sums, lengths = rm.response_rewards(prompts, responses, system_prompt=system_prompt,
-                                            progress=progress, **_no_cut(truncate))
+                                            progress=progress, **truncate_option(rm, truncate))
         vals = reduce_rewards(sums, lengths, reduction)
     if responses:
         for (k, j), v in zip(slots, vals.tolist()):

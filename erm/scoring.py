@@ -3,6 +3,7 @@ Yes/No `erm.judge.Judge` implement, so a caller scores with any of them without 
 is, and the helpers their scoring loops share.
 
     scorer.score(prompts, responses, progress=False, **truncate_option(scorer, truncate))
+    one_reward(scorer)                           # True: no reductions (a SentenceRM)
     scorer.check_pair(prompt, response)          # the error `score` would raise, no forward
     scorer.kind, scorer.label                    # "endorm", "EndoRM"; "sentence_rm", ...
 
@@ -67,18 +68,22 @@ class Scorer(Protocol):
 
 
 def truncate_option(scorer, truncate: bool) -> dict:
-    """The keyword arguments that pass `truncate` to `scorer.score` / `check_pair`:
-    ``{"truncate": truncate}`` for a scorer that cuts prompts (`Scorer.cuts_prompts`), ``{}``
-    for one that never does (nothing to refuse).
-
-    Raises:
-        TypeError: `scorer` does not say whether it cuts prompts (no `cuts_prompts`).
+    """The keyword arguments that pass `truncate` to `scorer.score` / `check_pair` /
+    `response_rewards`: for a `Scorer`, ``{"truncate": truncate}`` when it cuts prompts
+    (`cuts_prompts`) and ``{}`` when it never does (nothing to refuse); a model outside the
+    protocol (any object with those methods) is passed ``truncate=False`` only, so one without
+    the argument works as long as cutting is allowed.
     """
-    cuts = getattr(scorer, "cuts_prompts", None)
-    if not isinstance(cuts, bool):
-        raise TypeError(f"{type(scorer).__name__} does not say whether it cuts prompts (a "
-                        "bool `cuts_prompts`, see erm.scoring.Scorer)")
-    return {"truncate": bool(truncate)} if cuts else {}
+    if isinstance(scorer, Scorer):
+        return {"truncate": bool(truncate)} if scorer.cuts_prompts else {}
+    return {} if truncate else {"truncate": False}
+
+
+def one_reward(scorer) -> bool:
+    """Whether `scorer` is a `Scorer` with one response reward (no `reductions`: its `score`
+    takes no `reduction`, and it has no `response_rewards`), as an `erm.SentenceRM`; False for
+    an `erm.EndoRM` and for a model outside the protocol (an object with `response_rewards`)."""
+    return isinstance(scorer, Scorer) and not scorer.reductions
 
 
 def in_batches(lengths: Sequence[int], batch_size: int,
