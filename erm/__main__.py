@@ -1,4 +1,4 @@
-"""`python -m erm ...` runs the `erm` command line (see erm/cli.py)."""
+"""`python -m erm ...` runs the `erm` command line (see erm/cli/)."""
 import sys
 
 from .cli import main

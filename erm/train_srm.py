@@ -1,4 +1,5 @@
-"""Training a `SentenceRM` on preference pairs (Bradley–Terry), and the `erm train-srm` command.
+"""Training a `SentenceRM` on preference pairs (Bradley–Terry); the `erm train-srm` command
+(erm/cli/train_srm.py) runs it.
 
     rm, history = erm.train_sentence_rm(pairs, freeze_backbone=True, epochs=3)
     erm train-srm --data train.jsonl --eval eval.jsonl --out srm --freeze-backbone
@@ -17,13 +18,10 @@ the marker tokens of every training (and eval) example are computed once, before
 (mean R_w − R_l), lr; the last step of an epoch also has eval_accuracy and eval_loss when
 eval pairs are given.
 """
-import argparse
-import copy
 import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,9 +31,9 @@ import torch.nn.functional as F
 
 from . import lm
 from ._checks import check_int
-from .sentence_rm import AGGREGATES, SentenceRM, _eval_mode
+from .sentence_rm import AGGREGATES, SentenceRM, eval_mode as _eval_mode
 
-__all__ = ["train_sentence_rm", "add_parser", "as_pairs", "pair_accuracy"]
+__all__ = ["train_sentence_rm", "as_pairs", "pair_accuracy"]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -342,116 +340,3 @@ def _group_size(batches, j: int, grad_accum: int) -> int:
     """Pairs in the accumulation group of batch j (the last group may be short)."""
     start = (j // grad_accum) * grad_accum
     return sum(len(b) for b in batches[start:start + grad_accum])
-
-
-# ------------------------------------------------------------------------------------ CLI
-_DESCRIPTION = ("Train a sentence-level reward model (erm.SentenceRM: value head on sentence "
-                "markers, attention/sum/last aggregation) with the Bradley-Terry loss on "
-                "preference pairs, print the held-out accuracy after each epoch and save it "
-                "to --out (load with erm.SentenceRM.from_pretrained).")
-def _flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="training pairs, JSONL ({prompt, chosen, rejected}, RewardBench/TRL "
-                        "messages, or HH-RLHF transcripts; .gz read too)")
-    p.add_argument("--eval", metavar="FILE", help="held-out pairs: accuracy after each epoch")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to save the model")
-    p.add_argument("--model", metavar="PATH",
-                   help="backbone: a local model directory or cached model id (default: the "
-                        "embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="attention",
-                   help="how sentence rewards make the response reward (default: attention)")
-    p.add_argument("--freeze-backbone", action="store_true",
-                   help="train only the value head and aggregator (hidden states computed once)")
-    p.add_argument("--epochs", type=int, default=1, metavar="N")
-    p.add_argument("--lr", type=float, metavar="LR", help="backbone learning rate (1e-5)")
-    p.add_argument("--head-lr", type=float, metavar="LR",
-                   help="head/aggregator learning rate (1e-3 frozen, else --lr)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="pairs per batch")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="batches per optimizer step (1)")
-    p.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="AdamW (0)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, metavar="F",
-                   help="share of the steps of linear warm-up before the cosine decay (0.1)")
-    p.add_argument("--l2-reward", type=float, default=0.0, metavar="W",
-                   help="weight of an L2 penalty on R (0)")
-    p.add_argument("--attn-dim", type=int, default=256, metavar="D",
-                   help="query/key dimension of the attention aggregator (256)")
-    p.add_argument("--max-length", type=int, default=2048, metavar="N",
-                   help="longest sequence in tokens; longer prompts are cut from the left")
-    p.add_argument("--system-prompt", metavar="TEXT", help="system message in every context")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute the backbone's activations in the backward")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-
-
-def cmd_train_srm(args, rm=None) -> int:
-    """`erm train-srm`: train, print accuracy per epoch and a JSON summary, save to --out.
-    `rm` (an `erm.EndoRM` or anything with `.model` and `.tokenizer`) gives the backbone
-    instead of --model (a copy of it is trained unless --freeze-backbone)."""
-    from .cli import _check_device
-    from .evaluate import load_pairs
-
-    _check_device(args.device)  # a clear error for a device this machine does not have
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sentence_rm.json").is_file():
-        raise ValueError(f"--out {out}: a non-empty directory that is not a saved SentenceRM")
-    train, held = load_pairs(args.data), (load_pairs(args.eval) if args.eval else None)
-    quiet = getattr(args, "quiet", False)
-    model = tok = None
-    if rm is not None:
-        model = rm.backbone if isinstance(rm, SentenceRM) else rm.model
-        tok = rm.tokenizer
-        if not args.freeze_backbone:
-            model = copy.deepcopy(model)
-    elif args.model:
-        model = args.model
-
-    epochs = []
-
-    def report(e):
-        epochs.append(e)
-        ev = (f", eval accuracy {100 * e['eval_accuracy']:.1f}% ({len(held)} pairs), eval loss "
-              f"{e['eval_loss']:.4f}" if "eval_accuracy" in e else "")
-        print(f"epoch {e['epoch']}/{args.epochs}: train loss {e['loss']:.4f}{ev}", flush=True)
-
-    t0 = time.perf_counter()
-    srm, history = train_sentence_rm(
-        train, model=model, tokenizer=tok, eval_pairs=held, aggregate=args.aggregate,
-        freeze_backbone=args.freeze_backbone, epochs=args.epochs, lr=args.lr,
-        head_lr=args.head_lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        l2_reward=args.l2_reward, gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed, out=out, progress=not quiet, device=args.device, on_epoch=report,
-        attn_dim=args.attn_dim, max_length=args.max_length, system_prompt=args.system_prompt)
-    last = epochs[-1] if epochs else {}
-    print(json.dumps({"out": str(out), "pairs": len(train), "steps": len(history),
-                      "train_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
-                      "aggregate": args.aggregate, "freeze_backbone": args.freeze_backbone,
-                      "seconds": round(time.perf_counter() - t0, 2)}))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `erm train-srm` on an argparse subparsers object (handler: `func(args,
-    rm=None)`)."""
-    p = subparsers.add_parser("train-srm", help="train a sentence-level reward model "
-                                                "(erm.SentenceRM) on preference pairs",
-                              description=_DESCRIPTION)
-    _flags(p)
-    p.set_defaults(func=cmd_train_srm)
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m erm.train_srm --data ... --out ...`."""
-    p = argparse.ArgumentParser(prog="python -m erm.train_srm", description=_DESCRIPTION)
-    _flags(p)
-    p.add_argument("-q", "--quiet", action="store_true")
-    return cmd_train_srm(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

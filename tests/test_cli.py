@@ -14,6 +14,7 @@ import torch
 
 import erm
 from erm import cli
+from erm.cli import eval as cli_eval
 from erm.lm import TruncationWarning
 from tests.tiny import tiny_model_and_tokenizer
 
@@ -75,6 +76,95 @@ def test_score_system_prompt_and_hook(tmp_path, rm, capsys):
     want = float(rm.score("Hi?", "Hello.", system_prompt="You are terse.")[0])
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert got != pytest.approx(float(rm.score("Hi?", "Hello.")[0]), abs=1e-6)
+
+
+def test_score_alpha_and_gamma_equal_the_library(tmp_path, model_dir, rm, capsys):
+    """`erm score --alpha 0.5` writes EndoRM(alpha=0.5).score (and --gamma its γ); the values
+    differ from α = 1, so the option reaches the model."""
+    recs = [{"prompt": "What is the capital of France?", "response": "Paris."},
+            {"prompt": "2+2?", "response": "It is 4, I think."}]
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    prompts, responses = [r["prompt"] for r in recs], [r["response"] for r in recs]
+    for extra, kw in ((["--alpha", "0.5"], {"alpha": 0.5}),
+                      (["--alpha", "0.5", "--gamma", "0.9"], {"alpha": 0.5, "gamma": 0.9})):
+        rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--model", model_dir]
+                          + extra, capsys)
+        assert rc == 0, err
+        got = [json.loads(x)["reward"] for x in dst.read_text().splitlines()]
+        want = erm.EndoRM(rm.model, rm.tokenizer, **kw).score(prompts, responses)
+        assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
+        assert got != pytest.approx(rm.score(prompts, responses).tolist(), abs=1e-4)
+
+
+def test_eval_and_show_take_alpha(tmp_path, model_dir, rm, capsys):
+    data = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Capital of France?", "chosen": "Paris.",
+                                             "rejected": "Berlin, I think."}])
+    report = tmp_path / "report.json"
+    rc, _, err = _run(["eval", "--data", str(data), "--model", model_dir, "--alpha", "0.5",
+                       "--methods", "endorm_sum", "--out", str(report)], capsys)
+    assert rc == 0, err
+    want = erm.EndoRM(rm.model, rm.tokenizer, alpha=0.5).score(
+        ["Capital of France?"] * 2, ["Paris.", "Berlin, I think."])
+    got = json.loads(report.read_text())["pairs"][0]["scores"]["endorm_sum"]
+    assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
+    args = cli.build_parser().parse_args(["show", "--prompt", "p", "--response", "r", "--out",
+                                          "t.html", "--alpha", "0.25", "--gamma", "0.5"])
+    assert (args.alpha, args.gamma) == (0.25, 0.5)
+
+
+def test_model_options_declared_once():
+    """Every command takes its model options from one declaration: the same help text (the
+    --model text aside) wherever an option appears; the scoring commands take --alpha and
+    --gamma, score, eval and serve --device-map."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    helps, have = {}, {}
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if a.option_strings and a.dest in cli.options.MODEL_OPTIONS and a.dest != "model":
+                helps.setdefault(a.dest, set()).add(a.help.split(" (default: ")[0])
+                have.setdefault(name, set()).add(a.dest)
+    assert all(len(h) == 1 for h in helps.values()), helps
+    for name in ("score", "eval", "show", "serve", "rl"):
+        assert {"alpha", "gamma"} <= have[name], name
+    for name in ("score", "eval", "serve"):
+        assert "device_map" in have[name], name
+
+
+def test_alpha_gamma_and_device_map_checked_before_loading(tmp_path, capsys, monkeypatch):
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs()), str(tmp_path / "out.jsonl")
+    score = ["score", "--data", str(src), "--out", dst]
+    for bad in (["--alpha", "0"], ["--alpha", "-1"], ["--alpha", "nan"], ["--alpha", "1e-5"],
+                ["--alpha", "inf"], ["--gamma", "inf"], ["--gamma", "x"],
+                ["--device-map", "everywhere"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(score + bad + NO_MODEL)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert bad[0] in err and "Traceback" not in err, (bad, err)
+    cases = [(["--device-map", "auto", "--device", "cpu"] + NO_MODEL, "not both"),
+             (["--device-map", "auto"], "needs --model")]
+    for extra, message in cases:
+        for cmd in (score, ["eval", "--limit", "2"]):
+            rc, _, err = _run(cmd + extra, capsys)
+            assert rc == 2 and message in err and "cannot load model" not in err, (extra, err)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, _, err = _run(score + ["--device-map", "auto"] + NO_MODEL, capsys)
+    assert rc == 2 and "torchrun" in err, err
+
+
+def test_score_device_map(tmp_path, model_dir, rm, capsys):
+    """--device-map auto loads through transformers' device_map (here all of it on the one
+    device there is) and scores as --device does."""
+    pytest.importorskip("accelerate")
+    recs = [{"prompt": "Hi?", "response": "Hello there."}, {"prompt": "2+2?", "response": "4."}]
+    src, dst = _jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out.jsonl"
+    rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--model", model_dir,
+                       "--device-map", "auto", "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    got = [json.loads(x)["reward"] for x in dst.read_text().splitlines()]
+    want = rm.score([r["prompt"] for r in recs], [r["response"] for r in recs])
+    assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -197,10 +287,10 @@ class StandIn:
     a TruncationWarning naming its index, or ValueError with truncate=False."""
 
     batch_size = 8
+    cuts_prompts = True
 
-    def __init__(self, limit=40, ctx=1000, checks=True, warning=None):
+    def __init__(self, limit=40, ctx=1000, checks=True):
         self.limit, self.ctx, self.calls = limit, ctx, []
-        self.warning = warning or (lambda msg, idx: TruncationWarning(msg, idx))
         if not checks:
             self.check_pair = None
 
@@ -209,7 +299,7 @@ class StandIn:
         if cut and not truncate:
             raise ValueError(f"{len(cut)} prompt(s) do not fit")
         if cut:
-            warnings.warn(self.warning(f"{len(cut)} prompt(s) cut", cut))
+            warnings.warn(TruncationWarning(f"{len(cut)} prompt(s) cut", cut))
 
     def check_pair(self, prompt, response, *, system_prompt=None, terminated=True,
                    truncate=True):
@@ -266,7 +356,7 @@ def test_score_writes_atomically(tmp_path, capsys, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_dumps(obj, **kw)
 
-    monkeypatch.setattr(cli.json, "dumps", failing_dumps)
+    monkeypatch.setattr(json, "dumps", failing_dumps)
     with pytest.raises(OSError):
         cli.main(["-q", "score", "--data", str(src), "--out", str(dst)], rm=StandIn())
     monkeypatch.undo()
@@ -311,7 +401,7 @@ def test_output_paths_checked_before_loading(tmp_path, capsys, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(cli.os, "access", lambda p, mode, **kw: False
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False
                         if os.path.realpath(p) == str(ro) else real_access(p, mode, **kw))
     score = ["score", "--data", str(src), "--out"]
     evaluate = ["eval", "--data", str(pairs)]
@@ -422,15 +512,6 @@ def test_truncation_reported_per_line(tmp_path, capsys):
         assert rc == 0
         assert f"warning: {src}: line 3: prompt truncated" in err
         assert f"warning: {src}: line 5: prompt truncated" in err and "line 4" not in err
-    # a warning recognised without the class: a UserWarning that carries `indices`
-
-    class Cut(UserWarning):
-        def __init__(self, msg, idx):
-            super().__init__(msg)
-            self.indices = idx
-
-    rc = cli.main(["-v"] + argv, rm=StandIn(ctx=50, warning=Cut))
-    assert rc == 0 and f"{src}: line 5: prompt truncated" in capsys.readouterr().err
     # --no-truncate: an error naming the line, before scoring
     rm = StandIn(ctx=50)
     rc, _, err = _run(argv + ["--no-truncate"], capsys, rm=rm)
@@ -471,7 +552,7 @@ def test_truncation_real_model(tmp_path, model_dir, capsys):
 # ------------------------------------------------------------------------------------ rl
 
 def test_rl_is_a_built_in_subcommand():
-    from erm import rl
+    from erm.cli import rl
     assert not hasattr(cli, "EXTRA_COMMANDS")
     args = cli.build_parser().parse_args(["rl", "--steps", "1"])
     assert args.command == "rl" and args.func.__module__ == rl.__name__
@@ -642,7 +723,7 @@ def test_eval_compares_several_sentence_rms(tmp_path, srm_dirs, capsys):
     want = erm.SentenceRM.from_pretrained(srm_dirs["last"], device="cpu").score(
         ["Q0?", "Q0?"], ["Yes. It is 0.", "No. Not 0."])
     assert rep["pairs"][0]["scores"]["srm_last"] == pytest.approx(want.tolist(), abs=1e-5)
-    assert cli.srm_columns(["a/x", "b/y"], ["last", "last"]) == {"srm_last_x": "a/x",
+    assert cli_eval.srm_columns(["a/x", "b/y"], ["last", "last"]) == {"srm_last_x": "a/x",
                                                                  "srm_last_y": "b/y"}
     rc, _, err = _run(["eval", "--data", srm_dirs["data"], "--model", "/nonexistent/a",
                        "--model", "/nonexistent/b"], capsys)
@@ -655,7 +736,8 @@ def test_eval_model_options_reach_every_model(srm_dirs):
     args = cli.build_parser().parse_args(
         ["eval", "--model", srm_dirs["attention"], "--model", srm_dirs["last"], "--device", "cpu",
          "--max-length", "40", "--batch-size", "3", "--system-prompt", ""])
-    endo, srms, methods = cli._load_eval_models(args, None, ["endorm_sum"], cli._split_models(args))
+    endo, srms, methods = cli_eval._load_eval_models(args, None, ["endorm_sum"],
+                                                     cli_eval._split_models(args))
     assert methods == ["endorm_sum", "srm_attention", "srm_last"]
     for model in (endo, srms["srm_attention"], srms["srm_last"]):
         assert (model.max_length, model.batch_size, model.system_prompt) == (40, 3, "")

@@ -73,7 +73,7 @@ def _run_installed(site, code, *args):
 def test_wheel_without_cuda(tmp_path):
     pytest.importorskip("triton")
     names, site = _build_and_install(tmp_path, ERM_BUILD_CUDA="0")
-    for f in ("erm/__init__.py", "erm/cli.py", "erm/kernels/token_stats.py",
+    for f in ("erm/__init__.py", "erm/cli/__init__.py", "erm/kernels/token_stats.py",
               "erm/kernels/linear_token_stats.py", "erm/kernels/autotune.py",
               "erm/data/pairs.jsonl", "erm/data/arithmetic.jsonl"):
         assert f in names, f
@@ -150,3 +150,26 @@ import erm._C  # noqa: F401
 assert hasattr(torch.ops.erm_C, "token_stats_fwd") and hasattr(torch.ops.erm_C, "token_stats_bwd")
 """)
     assert "'cuda_built': True" in out
+
+
+def test_import_erm_leaves_argparse_to_the_command_line():
+    """`import erm` loads none of erm's command line: no erm module it imports holds argparse,
+    and only the modules under erm/cli/ import it. (torch itself imports argparse, through
+    unittest, so `'argparse' in sys.modules` says nothing about erm.)"""
+    code = ("import sys, erm\n"
+            "loaded = {n: m for n, m in sys.modules.items() if n == 'erm' or n.startswith('erm.')}\n"
+            "assert not any(n == 'erm.cli' or n.startswith('erm.cli.') for n in loaded), loaded\n"
+            "bad = [n for n, m in loaded.items() if 'argparse' in vars(m)]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import ast
+    importers = []
+    for path in sorted((ROOT / "erm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "argparse" in names:
+                importers.append(path.relative_to(ROOT).as_posix())
+    assert importers and all(p.startswith("erm/cli/") for p in importers), importers

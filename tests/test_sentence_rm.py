@@ -17,7 +17,7 @@ from erm.evaluate import evaluate
 from erm.sentence_rm import (is_sentence_rm_dir, load_for_eval, read_config,
                              sentence_markers)
 from erm.sentences import split_sentences
-from erm.train_srm import add_parser
+from erm.cli.train_srm import add_parser
 from tests.tiny import tiny_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
