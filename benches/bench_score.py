@@ -52,14 +52,25 @@ def parser():
 
 def make_pairs(rm, n, seq):
     """n (prompt, response) pairs whose encoding by `rm` is at most `seq` tokens each (as many
-    whole sentences as fit, at least one)."""
+    words of the built-in sentences, repeated, as fit; at least one)."""
+    import itertools
+
     prompt = CORPUS[0].split("?")[0] + "?"
-    sentence = " ".join(CORPUS[1:])
-    k = 1
-    while len(rm.encode(prompt, f"{n}. " + " ".join([sentence] * (k + 1))).ids) <= seq:
-        k += 1
-    body = " ".join([sentence] * k)
-    return [prompt] * n, [f"{i}. {body}" for i in range(n)]
+    words = " ".join(CORPUS[1:]).split()
+
+    def response(k, i=n):
+        return f"{i}. " + " ".join(itertools.islice(itertools.cycle(words), k))
+
+    def fits(k):
+        return len(rm.encode(prompt, response(k)).ids) <= seq
+
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # the longest response that fits: lo fits (or is 1), hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return [prompt] * n, [response(lo, i) for i in range(n)]
 
 
 def main(argv=None):

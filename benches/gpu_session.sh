@@ -79,11 +79,11 @@ if [ $PLAN = 0 ]; then
   echo "pass $PASS on $GPU (sm $ARCH), out $OUT, logs $LOGS"
 fi
 
-PEERS='shopt -s nullglob; w=(.whl/*.whl); if [ ${#w[@]} -eq 0 ]; then echo "no wheels in .whl/: peer rows missing"; exit 0; fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${w[@]}"'
-BUILD='timeout 78 env ERM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$0" MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . && exit 0
-echo "!! the CUDA build failed or timed out: installing erm without erm._C (no cuda rows)"
-ERM_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e .; exit 3'
+PEERS='shopt -s nullglob; w=(.whl/*.whl); if [ ${#w[@]} -eq 0 ]; then echo "no wheels in .whl/: peer rows missing"; exit 0; fi; '\
+'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${w[@]}"'
+BUILD='timeout 78 env ERM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$0" MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . && exit 0; '\
+'echo "!! the CUDA build failed or timed out: installing erm without erm._C (no cuda rows)"; '\
+'ERM_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e .; exit 3'
 VERSIONS='import erm, torch, triton; print(erm.backends(), "torch", torch.__version__, "triton", triton.__version__)'
 SAN_ENV=(env ERM_AUTOTUNE=pinned PYTORCH_NO_CUDA_MEMORY_CACHING=1)
 SAN_ARGS=(--print-limit 20 --error-exitcode 9 python3 benches/sanitize_cases.py)
