@@ -38,22 +38,21 @@ the policy, the optimizer, the RNG states and the step, and `--resume` continues
 same state. Exact-match accuracy on the held-back prompts is measured before and after training
 (`out/summary.json`).
 
-    python -m erm.rl --steps 10 --prompts-per-step 2 --k 4 --max-new-tokens 24 --plot
+    erm rl --steps 10 --prompts-per-step 2 --k 4 --max-new-tokens 24 --plot
     from erm.rl import RLConfig, Trainer; Trainer(RLConfig(steps=2)).train()
+
+Under torchrun the same loop runs data parallel: the DDP / FSDP2 wrappers of the policy and the
+sums of the metrics over the ranks come from `erm.dp`; the curves are drawn by `erm.plots`.
 
 Tests: tests/test_rl.py. Bench of one policy update: benches/bench_rl_step.py.
 """
-import argparse
-import contextlib
 import copy
 import dataclasses
 import json
 import os
 import random
 import resource
-import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -64,6 +63,7 @@ from torch import Tensor
 from . import dp, lm
 from .constants import IGNORE_INDEX
 from .ops.endogenous import rewards_from_stats
+from .plots import plot_curves
 from .tasks import is_correct, load_prompts
 
 
@@ -86,7 +86,8 @@ class RLConfig:
     k: int = _opt(4, "samples per prompt (the group)")
     max_new_tokens: int = _opt(32, "longest sampled response")
     temperature: float = _opt(1.0, "sampling temperature τ")
-    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α; None: = temperature")
+    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α of every log-prob, "
+                                        "entropy and soft value; None: = temperature")
     gamma: float = _opt(1.0, "discount of the endogenous reward (and reward-to-go)")
     objective: str = _opt("grpo", "advantage estimator", choices=("grpo", "rloo", "reinforce"))
     normalize: bool = _opt(True, "grpo: divide by group std; reinforce: whiten G_t")
@@ -113,12 +114,15 @@ class RLConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
+        """Check the fields and resolve `alpha`: afterwards it is always the float α (the
+        sampling temperature when None was given)."""
         if self.objective not in ("grpo", "rloo", "reinforce"):
             raise ValueError(f"objective must be grpo, rloo or reinforce, got {self.objective!r}")
         if not self.temperature > 0:
             raise ValueError("temperature must be > 0 (RL needs sampling)")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError("alpha must be > 0")
+        self.alpha = float(self.alpha if self.alpha is not None else self.temperature)
         if self.k < 1 or self.prompts_per_step < 1 or self.steps < 0 or self.ppo_epochs < 1:
             raise ValueError("k, prompts_per_step, ppo_epochs must be >= 1 and steps >= 0")
         if self.objective == "rloo" and self.k < 2:
@@ -127,11 +131,6 @@ class RLConfig:
             raise ValueError("max_new_tokens must be >= 1 and micro_batch >= 0")
         if self.device is not None:
             lm.check_device(self.device)   # a device this machine does not have: a clear error
-
-    @property
-    def log_temperature(self) -> float:
-        """α, the temperature of every log-prob, entropy and soft value."""
-        return float(self.alpha if self.alpha is not None else self.temperature)
 
 
 # ============================================================================ model helpers
@@ -296,109 +295,14 @@ def advantages(cfg: RLConfig, token_rewards: Tensor, response_mask: Tensor,
     return adv, resp
 
 
-# ============================================================================ data parallelism
-class PolicyStats(torch.nn.Module):
-    """The policy's response statistics as one module, so that DDP or FSDP wraps the whole
-    forward (the model body and the fused head) and reduces the policy's gradients in its
-    backward. Under FSDP, `generate` is a forward method too (its parameters are gathered)."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids, attention_mask, start, targets, *, alpha, entropy,
-                compute_dtype=None):
-        st = lm.window_token_stats(self.policy, input_ids, attention_mask, start, targets,
-                                   alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
-        # (B, R) outputs of their own, not views: the wrapper hooks its backward onto them
-        return type(st)(*(t if t is None or t._base is None else t.clone() for t in st))
-
-    def generate(self, **kw):
-        """`policy.generate` in step with the other ranks (`synced_gpus`: every rank runs the
-        same number of decoding steps, as the all-gathers of a sharded policy need)."""
-        return self.policy.generate(**kw, synced_gpus=world()[1] > 1)
-
-
-def _is_ddp(module) -> bool:
-    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
-
-
-def _is_fsdp(module) -> bool:
-    return isinstance(module, PolicyStats) and hasattr(module, "set_requires_gradient_sync")
-
-
-def _is_data_parallel(module) -> bool:
-    """A DDP or FSDP wrapper of the policy (`wrap_ddp`, `wrap_fsdp`)."""
-    return _is_ddp(module) or _is_fsdp(module)
-
-
-def world() -> Tuple[int, int]:
-    """(rank, world size) of the initialised process group, (0, 1) without one."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def wrap_ddp(policy):
-    """DDP over `PolicyStats(policy)` (the policy's parameters, broadcast from rank 0)."""
-    dev = next(policy.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(
-        PolicyStats(policy), device_ids=[dev.index] if dev.type == "cuda" else None)
-
-
-def _fsdp_api():
-    try:  # public from torch 2.6 on
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    except ImportError:  # pragma: no cover - older layouts
-        from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
-    return fully_shard, register_fsdp_forward_method
-
-
-def fsdp_on_cpu() -> bool:
-    """Whether this torch's FSDP2 runs on CPU tensors (it needs CPU stream events; torch 2.6's
-    has none)."""
-    return hasattr(torch.cpu.current_stream(), "record_event")
-
-
-def wrap_fsdp(policy):
-    """FSDP2 over `PolicyStats(policy)`: every block of the model's layer lists (the decoder
-    layers) is its own shard group, the root holds the rest (embeddings, final norm and LM head,
-    tied or not). `policy`'s parameters become this rank's shards (DTensors) in place, so build
-    the optimizer after wrapping; `.generate` of the wrapper samples with the gathered weights."""
-    fully_shard, register_fsdp_forward_method = _fsdp_api()
-    if next(policy.parameters()).device.type == "cpu" and not fsdp_on_cpu():
-        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 cannot run on the CPU: use a "
-                           "GPU, DDP (no --fsdp), or a newer torch")
-    stats = PolicyStats(policy)
-    for mod in policy.modules():
-        if isinstance(mod, torch.nn.ModuleList):
-            for block in mod:
-                if any(p.requires_grad for p in block.parameters()):
-                    fully_shard(block)
-    fully_shard(stats)
-    register_fsdp_forward_method(stats, "generate")
-    return stats
-
-
-def all_sum(values: Sequence[float], device) -> List[float]:
-    """Element-wise SUM of a list of floats over the ranks (itself with one process)."""
-    import torch.distributed as dist
-    if world()[1] == 1:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 # ============================================================================ 4. update
 def policy_logprobs(policy, batch: Rollout, *, alpha: float, entropy: bool = True,
                     compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Policy log-probs (B, R) and entropies (B, R) (float32, with autograd) of the responses.
-    `policy` is the model, or its DDP / FSDP wrapper (`wrap_ddp`, `wrap_fsdp`)."""
+    `policy` is the model, or its DDP / FSDP wrapper (`erm.dp.wrap_ddp`, `erm.dp.wrap_fsdp`)."""
     args = (batch.input_ids[:, :-1], batch.attention_mask[:, :-1], batch.prompt_len - 1,
             batch.targets)
-    if _is_data_parallel(policy):  # through the wrapper: its backward reduces the gradients
+    if dp.is_data_parallel(policy):  # through the wrapper: its backward reduces the gradients
         st = policy(*args, alpha=alpha, entropy=entropy, compute_dtype=compute_dtype)
     else:
         st = lm.window_token_stats(policy, *args, alpha=alpha, entropy=entropy,
@@ -432,16 +336,6 @@ def ppo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, adv: 
     return loss, stats
 
 
-def _grad_sync(policy, sync: bool):
-    """A context in which backward reduces the gradients over the ranks or (sync False) only
-    accumulates them: DDP's `no_sync`, FSDP's `set_requires_gradient_sync`."""
-    if _is_fsdp(policy):
-        policy.set_requires_gradient_sync(sync)
-    elif _is_ddp(policy) and not sync:
-        return policy.no_sync()
-    return contextlib.nullcontext()
-
-
 def _slice(batch: Rollout, i: int, j: int) -> Rollout:
     return Rollout(batch.input_ids[i:j], batch.attention_mask[i:j], batch.prompt_len,
                    batch.response_mask[i:j], batch.terminated[i:j],
@@ -458,45 +352,22 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
     entropy, ratio: means over response tokens) and over all epochs (clip fraction, first and
     last loss, grad norm).
 
-    With `policy` a DDP or FSDP wrapper (`wrap_ddp`, `wrap_fsdp`) the batch is this rank's
-    share: the loss is normalised by the response tokens of all ranks and scaled by the world
-    size, so the wrapper's mean of the gradients is the gradient of the whole batch's loss; the
-    metrics are summed over the ranks (one small all-reduce per epoch besides the wrapper's)."""
-    alpha = cfg.log_temperature
-    parallel = _is_data_parallel(policy)
-    size = world()[1] if parallel else 1
+    With `policy` a DDP or FSDP wrapper (`erm.dp.wrap_ddp`, `erm.dp.wrap_fsdp`) the batch is
+    this rank's share: the loss is normalised by the response tokens of all ranks and scaled by
+    the world size, so the wrapper's mean of the gradients is the gradient of the whole batch's
+    loss; the metrics are summed over the ranks (one small all-reduce per epoch besides the
+    wrapper's)."""
     dev = batch.input_ids.device
-    n_tok = int(max(1.0, all_sum([batch.response_mask.sum()], dev)[0] if parallel
+    parallel = dp.is_data_parallel(policy)
+    n_tok = int(max(1.0, dp.all_sum([batch.response_mask.sum()], dev)[0] if parallel
                     else float(batch.response_mask.sum())))
-    b = batch.input_ids.shape[0]
-    mb = cfg.micro_batch if cfg.micro_batch > 0 else b
-    old_parts, first, losses, clip, gnorm = [], None, [], 0.0, 0.0
+    first, losses, clip, gnorm = None, [], 0.0, 0.0
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        tot, total_loss = {}, 0.0
-        for i in range(0, b, mb):
-            part = _slice(batch, i, i + mb)
-            # the gradients are reduced once per epoch, in the last micro-batch's backward
-            sync = not parallel or i + mb >= b
-            with _grad_sync(policy, sync):
-                with _autocast(dev, compute_dtype):
-                    lp, ent = policy_logprobs(policy, part, alpha=alpha,
-                                              entropy=True, compute_dtype=compute_dtype)
-                if old_logprobs is None and epoch == 0:  # weights == rollout weights: π_old
-                    old_parts.append(lp.detach())
-                old = old_logprobs[i:i + mb] if old_logprobs is not None else old_parts[i // mb]
-                loss, st = ppo_loss(lp, old, ref_logprobs[i:i + mb], adv[i:i + mb],
-                                    part.response_mask, clip_eps=cfg.clip_eps,
-                                    kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
-                                    entropy=ent, n_tokens=n_tok)
-                (loss * size if parallel else loss).backward()
-            total_loss += float(loss.detach())
-            for key, v in st.items():
-                tot[key] = tot.get(key, 0.0) + v
-        if parallel:
-            keys = sorted(tot)
-            total_loss, *vals = all_sum([total_loss] + [tot[k] for k in keys], dev)
-            tot = dict(zip(keys, vals))
+        total_loss, tot, logprobs = _backward(policy, batch, adv, ref_logprobs, old_logprobs, cfg,
+                                              n_tok, compute_dtype)
+        if old_logprobs is None:  # the first epoch ran with the rollout weights: π_old
+            old_logprobs = logprobs
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for p in policy.parameters() if p.requires_grad],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -506,11 +377,46 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
         clip += tot["clip"] / n_tok
         if epoch == 0:
             first = {key: tot[key] / n_tok for key in ("kl", "entropy", "ratio")}
-        if old_logprobs is None:
-            old_logprobs = torch.cat(old_parts)
     optimizer.zero_grad(set_to_none=True)
     return dict(first, clip_frac=clip / cfg.ppo_epochs, loss=losses[0], loss_last=losses[-1],
                 grad_norm=gnorm)
+
+
+def _backward(policy, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
+              old_logprobs: Optional[Tensor], cfg: RLConfig, n_tok: int,
+              compute_dtype: torch.dtype) -> Tuple[float, Dict[str, float], Tensor]:
+    """One epoch's gradients, accumulated over micro-batches of `cfg.micro_batch` sequences
+    (under DDP / FSDP reduced over the ranks once, in the last micro-batch's backward).
+    `old_logprobs` None: log π_old is this forward's own (detached) log-probs.
+
+    Returns (the loss, the `ppo_loss` sums (over the ranks when data parallel), this forward's
+    log-probs (B, R) float32, detached)."""
+    parallel = dp.is_data_parallel(policy)
+    size = dp.rank_and_size()[1] if parallel else 1
+    dev, b = batch.input_ids.device, batch.input_ids.shape[0]
+    mb = cfg.micro_batch if cfg.micro_batch > 0 else b
+    tot, total_loss, parts = {}, 0.0, []
+    for i in range(0, b, mb):
+        part = _slice(batch, i, i + mb)
+        with dp.grad_sync(policy, not parallel or i + mb >= b):
+            with _autocast(dev, compute_dtype):
+                lp, ent = policy_logprobs(policy, part, alpha=cfg.alpha,
+                                          entropy=True, compute_dtype=compute_dtype)
+            parts.append(lp.detach())
+            old = old_logprobs[i:i + mb] if old_logprobs is not None else parts[-1]
+            loss, st = ppo_loss(lp, old, ref_logprobs[i:i + mb], adv[i:i + mb],
+                                part.response_mask, clip_eps=cfg.clip_eps,
+                                kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef,
+                                entropy=ent, n_tokens=n_tok)
+            (loss * size if parallel else loss).backward()
+        total_loss += float(loss.detach())
+        for key, v in st.items():
+            tot[key] = tot.get(key, 0.0) + v
+    if parallel:
+        keys = sorted(tot)
+        total_loss, *vals = dp.all_sum([total_loss] + [tot[k] for k in keys], dev)
+        tot = dict(zip(keys, vals))
+    return total_loss, tot, torch.cat(parts)
 
 
 # ============================================================================ evaluation
@@ -574,7 +480,7 @@ class Trainer:
         self.cfg = cfg
         # under torchrun: join the process group (nccl on cuda:LOCAL_RANK, gloo on the CPU)
         self.device, self.dtype = lm.device_and_dtype(dp.init(cfg.device)[2], cfg.dtype)
-        self.rank, self.world = world()
+        self.rank, self.world = dp.rank_and_size()
         if cfg.prompts_per_step < self.world:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the "
                              f"number of ranks ({self.world}): each rank samples whole groups")
@@ -592,8 +498,9 @@ class Trainer:
             raise ValueError("fsdp shards the policy over the ranks of a process group: run "
                              "under torchrun with more than one process")
         # the data-parallel wrapper; under FSDP the policy's parameters become shards in place
-        self.dp = (wrap_fsdp if cfg.fsdp else wrap_ddp)(self.policy) if self.world > 1 else None
-        self.sampler = self.dp if cfg.fsdp else None  # sampling with the gathered weights
+        self.wrapper = ((dp.wrap_fsdp if cfg.fsdp else dp.wrap_ddp)(self.policy)
+                        if self.world > 1 else None)
+        self.sampler = self.wrapper if cfg.fsdp else None  # sampling with the gathered weights
         if self.world > 1:
             torch.manual_seed(cfg.seed + self.rank)  # each rank samples its own responses
         if train_prompts is None:
@@ -634,42 +541,55 @@ class Trainer:
     # ---------------------------------------------------------------- one RL step
     def step(self) -> dict:
         """rollout → score → advantages → update; returns (and logs) the step's metrics."""
-        cfg, dev = self.cfg, self.device
-        alpha = cfg.log_temperature
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        # 1. rollout: k samples of each of this rank's prompts of the step
         batch = rollout(self.policy, self.tokenizer, self.my_prompts(self.step_idx), cfg.k,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         system_prompt=cfg.system_prompt, compute_dtype=self.dtype,
                         sampler=self.sampler)
         t_gen = time.perf_counter() - t0
-        ref_lp, tok_r = score(self.frozen, batch, alpha=alpha, gamma=cfg.gamma,
+        # 2. score: one frozen forward → reference log-probs and token rewards; exact match
+        ref_lp, tok_r = score(self.frozen, batch, alpha=cfg.alpha, gamma=cfg.gamma,
                               compute_dtype=self.dtype)
-        ver = verifiable_rewards(batch)
-        adv, resp_r = advantages(cfg, tok_r, batch.response_mask, ver)
-        m = update(self.dp or self.policy, self.optimizer, batch, adv, ref_lp, cfg,
+        correct = verifiable_rewards(batch)
+        # 3. advantages per token, and the response rewards R_i
+        adv, resp_r = advantages(cfg, tok_r, batch.response_mask, correct)
+        # 4. update: ppo_epochs optimizer steps (through the DDP / FSDP wrapper under torchrun)
+        m = update(self.wrapper or self.policy, self.optimizer, batch, adv, ref_lp, cfg,
                    compute_dtype=self.dtype)
-        dt = time.perf_counter() - t0
-        # batch sums over the ranks: responses, Σr, R, Σ tokens' r, correct, tokens, terminated
-        b, sum_r, sum_resp, sum_tok, n_ok, n_resp, n_term = all_sum(
-            [len(batch.texts), (tok_r * batch.response_mask).sum(), resp_r.sum(), tok_r.sum(),
-             ver.sum(), batch.response_mask.sum(), batch.terminated.sum()], dev)
+        times = {"step_time_s": time.perf_counter() - t0, "gen_time_s": t_gen}
         self.step_idx += 1
-        rec = {"step": self.step_idx,
-               "reward": sum_r / b, "reward_total": sum_resp / b,
-               "reward_per_token": sum_tok / max(n_resp, 1), "accuracy": n_ok / b,
-               "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
-               "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
-               "response_len": n_resp / b, "terminated": n_term / b,
-               "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": t_gen,
-               "peak_mem_mb": _peak_memory_mb(dev),
-               "sample": batch.texts[0][:200]}
+        rec = self._record(batch, tok_r, resp_r, correct, m, times)
         self.records.append(rec)
         if self.rank == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
         return rec
+
+    def _record(self, batch: Rollout, token_rewards: Tensor, response_rewards: Tensor,
+                correct: Tensor, update_metrics: Dict[str, float],
+                times: Dict[str, float]) -> dict:
+        """The log record of the step just taken: the batch's means summed over the ranks
+        (token_rewards (B, R), response_rewards (B,), correct (B,), all float32), the update's
+        metrics (`update`), throughput, times and peak memory, and the first sample's text."""
+        mask, m, dt = batch.response_mask, update_metrics, times["step_time_s"]
+        # batch sums over the ranks: responses, Σr, R, Σ tokens' r, correct, tokens, terminated
+        b, sum_r, sum_resp, sum_tok, n_ok, n_resp, n_term = dp.all_sum(
+            [len(batch.texts), (token_rewards * mask).sum(), response_rewards.sum(),
+             token_rewards.sum(), correct.sum(), mask.sum(), batch.terminated.sum()],
+            self.device)
+        return {"step": self.step_idx,
+                "reward": sum_r / b, "reward_total": sum_resp / b,
+                "reward_per_token": sum_tok / max(n_resp, 1), "accuracy": n_ok / b,
+                "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
+                "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
+                "response_len": n_resp / b, "terminated": n_term / b,
+                "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": times["gen_time_s"],
+                "peak_mem_mb": _peak_memory_mb(self.device),
+                "sample": batch.texts[0][:200]}
 
     # ---------------------------------------------------------------- checkpoint / resume
     def state_dict(self) -> dict:
@@ -736,7 +656,7 @@ class Trainer:
         hits = exact_matches(self.policy, self.tokenizer, padded, sampler=self.sampler,
                              max_new_tokens=self.cfg.eval_max_new_tokens,
                              system_prompt=self.cfg.system_prompt)[:len(mine)]
-        ok, total = all_sum([sum(hits), len(hits)], self.device)
+        ok, total = dp.all_sum([sum(hits), len(hits)], self.device)
         return ok / total if total else float("nan")
 
     # ---------------------------------------------------------------- the whole run
@@ -774,88 +694,3 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-
-def plot_curves(records: List[dict], path) -> Path:
-    """PNG of the per-step curves (reward, accuracy, KL, entropy, length, clip fraction)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [("reward", "endogenous reward Σr_t"), ("accuracy", "verifiable accuracy"),
-            ("kl", "KL(π‖ref) (k3)"), ("entropy", "entropy / token"),
-            ("response_len", "response length"), ("clip_frac", "clip fraction")]
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, (k, title) in zip(axes.flat, keys):
-        ax.plot(steps, [r[k] for r in records], marker="o", ms=3)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ============================================================================ CLI
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per RLConfig field, its help from the field's metadata."""
-    hints = typing.get_type_hints(RLConfig)
-    for f in dataclasses.fields(RLConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
-        base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-        h = f.metadata.get("help", "")
-        if base is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=h)
-        else:
-            p.add_argument(flag, dest=f.name, type=base, default=f.default,
-                           help=f"{h} (default: {f.default})", choices=f.metadata.get("choices"))
-
-
-def _config_from_args(args) -> RLConfig:
-    return RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
-
-
-def _run(args, rm=None) -> int:
-    """`erm rl`: train and print a one-line JSON summary. With `rm` (an `erm.EndoRM`, as
-    `erm.cli.main(argv, rm=...)` passes it) the policy starts from a copy of its model."""
-    cfg = _config_from_args(args)
-    model = tok = None
-    if rm is not None:
-        model, tok = copy.deepcopy(rm.model), rm.tokenizer
-    trainer = Trainer(cfg, model, tok)
-    summary = trainer.train()
-    if trainer.rank != 0:
-        return 0
-    last = summary["steps"][-1] if summary["steps"] else {}
-    print(json.dumps({"accuracy_before": summary.get("accuracy_before"),
-                      "accuracy_after": summary.get("accuracy_after"),
-                      "final_reward": last.get("reward"), "final_kl": last.get("kl"),
-                      "out": str(cfg.out)}))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `erm rl` on an argparse subparsers object (handler: `func(args, rm=None)`)."""
-    p = subparsers.add_parser("rl", help="RL fine-tuning on endogenous rewards (erm.rl)",
-                              description=__doc__.split("\n\n")[0])
-    _add_config_flags(p)
-    p.set_defaults(func=_run)
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m erm.rl [--flags]`: train with RLConfig built from the flags."""
-    p = argparse.ArgumentParser(prog="python -m erm.rl", description=__doc__.split("\n\n")[0])
-    _add_config_flags(p)
-    rc = _run(p.parse_args(argv))
-    dp.shutdown()
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

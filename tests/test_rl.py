@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erm
-from erm import lm, rl, tasks
+from erm import cli, dp, lm, rl, tasks
 from tests.reference import token_stats_ref
 from tests.tiny import tiny_model_and_tokenizer
 
@@ -162,10 +162,10 @@ def test_end_to_end_cli_writes_log_png_and_checkpoint(tmp_path, capsys):
     data.write_text("".join(json.dumps(dict(d, split="eval" if i < 2 else "train")) + "\n"
                             for i, d in enumerate(PROMPTS)))
     out = tmp_path / "run"
-    rc = rl.main(["--model", str(mdir), "--prompts", str(data), "--steps", "2", "--k", "2",
-                  "--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-max-new-tokens", "4",
-                  "--objective", "rloo", "--verifiable-weight", "1", "--out", str(out), "--plot",
-                  "--no-progress", "--ppo-epochs", "2", "--micro-batch", "2"])
+    rc = cli.main(["rl", "--model", str(mdir), "--prompts", str(data), "--steps", "2", "--k", "2",
+                   "--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-max-new-tokens",
+                   "4", "--objective", "rloo", "--verifiable-weight", "1", "--out", str(out),
+                   "--plot", "--no-progress", "--ppo-epochs", "2", "--micro-batch", "2"])
     assert rc == 0
     recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
@@ -191,16 +191,17 @@ def test_builtin_arithmetic_prompts():
 
 def test_erm_cli_registers_rl_and_flags_follow_the_config():
     from erm.cli import build_parser
+    from erm.cli.rl import config_from_args
 
     args = build_parser().parse_args(["rl", "--steps", "3", "--objective", "reinforce",
                                       "--no-normalize", "--alpha", "0.5"])
-    cfg = rl._config_from_args(args)
-    assert (cfg.steps, cfg.objective, cfg.normalize, cfg.log_temperature) == (3, "reinforce",
+    cfg = config_from_args(args)
+    assert (cfg.steps, cfg.objective, cfg.normalize, cfg.alpha) == (3, "reinforce",
                                                                               False, 0.5)
     assert cfg.model is None and cfg.kl_coef == 0.01
     with pytest.raises(ValueError):
         rl.RLConfig(objective="ppo")
-    assert rl._config_from_args(build_parser().parse_args(["rl", "--fsdp"])).fsdp
+    assert config_from_args(build_parser().parse_args(["rl", "--fsdp"])).fsdp
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error():
@@ -216,9 +217,9 @@ def test_fsdp_without_a_process_group_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="torchrun"):
         rl.Trainer(rl.RLConfig(fsdp=True, out=str(tmp_path), progress=False), model, tok,
                    train_prompts=PROMPTS, eval_prompts=[])
-    monkeypatch.setattr(rl, "fsdp_on_cpu", lambda: False)   # torch 2.6's FSDP2
+    monkeypatch.setattr(dp, "fsdp_on_cpu", lambda: False)   # torch 2.6's FSDP2
     with pytest.raises(RuntimeError, match="cannot run on the CPU"):
-        rl.wrap_fsdp(model)
+        dp.wrap_fsdp(model)
 
 
 def test_bench_rl_step_smoke(capsys):
