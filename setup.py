@@ -109,7 +109,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder and install as erm.kernels.
-    packages=["erm", "erm.cli", "erm.data", "erm.ops", "erm.kernels", "erm.integrations"],
+    packages=["erm", "erm.cli", "erm.data", "erm.ops", "erm.kernels", "erm.integrations",
+              "erm.serve"],
     package_dir={"erm": "erm", "erm.kernels": "kernels"},
     package_data={"erm": ["data/*.jsonl"]},
     install_requires=[

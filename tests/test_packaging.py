@@ -73,7 +73,8 @@ def _run_installed(site, code, *args):
 def test_wheel_without_cuda(tmp_path):
     pytest.importorskip("triton")
     names, site = _build_and_install(tmp_path, ERM_BUILD_CUDA="0")
-    for f in ("erm/__init__.py", "erm/cli/__init__.py", "erm/kernels/token_stats.py",
+    for f in ("erm/__init__.py", "erm/cli/__init__.py", "erm/cli/score.py", "erm/serve/app.py",
+              "erm/kernels/token_stats.py",
               "erm/kernels/linear_token_stats.py", "erm/kernels/autotune.py",
               "erm/data/pairs.jsonl", "erm/data/arithmetic.jsonl"):
         assert f in names, f

@@ -18,7 +18,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from erm.serve import RewardServer, add_parser, running  # noqa: E402
+from erm.cli.serve import add_parser  # noqa: E402
+from erm.serve import RewardServer, running  # noqa: E402
 
 PROMPTS = ["What is 2+2?", "Name a capital.", [{"role": "system", "content": "Be brief."},
                                                {"role": "user", "content": "Hello?"}]]
