@@ -91,8 +91,9 @@ def _uvicorn_server(app, log_level: str):
 def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
           announce: Optional[Callable[[str], None]] = None, **kwargs) -> int:
     """Serve `rm` (an EndoRM, a callable returning one, or a `RewardServer`) until SIGTERM /
-    Ctrl-C; returns the exit status (1 when the model failed to load). `announce(url)` is called once the port is bound
-    (port 0 picks a free one). Other keyword arguments as in `RewardServer`."""
+    Ctrl-C; returns the exit status (1 when the model failed to load). `announce(url)` is called
+    once the port is bound (port 0 picks a free one). Other keyword arguments as in
+    `RewardServer`."""
     server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
     app = make_app(server)
     sock = _bind(host, port)
