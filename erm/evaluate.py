@@ -257,13 +257,3 @@ def plot_report(report: dict, path, *, title=None) -> None:
         fig.savefig(path)
     finally:
         plt.close(fig)
-
-
-# the former names, until every caller uses the public ones
-_method_result, _subset_counts = method_result, subset_counts
-
-
-def _no_cut(truncate: bool) -> dict:
-    """The keyword arguments that ask a scorer not to cut prompts (`erm.scoring.truncate_option`
-    replaces this: the scorer says whether it takes `truncate`)."""
-    return {} if truncate else {"truncate": False}

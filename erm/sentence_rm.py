@@ -508,9 +508,6 @@ def eval_mode(module: nn.Module):
             m.training = mode
 
 
-_eval_mode = eval_mode  # the former name, until every caller uses eval_mode
-
-
 def _backbone_name(name_or_path: Optional[str]) -> Optional[str]:
     """How a config names a backbone loaded by `erm.lm.load(name_or_path)`: None (embedded
     default), an absolute local path, or the model id as given."""
