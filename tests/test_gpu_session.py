@@ -170,3 +170,42 @@ def test_kernel_shortlists_name_real_configs(monkeypatch):
     monkeypatch.setattr(lk, "INTERPRET", False)  # the GPU's config list
     gpu_cfgs = lk._configs()
     assert len(autotune.select(gpu_cfgs, lk._QUICK, "quick")) == len(lk._QUICK) < len(gpu_cfgs)
+
+
+def test_a_run_with_stand_in_tools_returns_at_most_8_files(tmp_path):
+    """The run path itself (logs, step table, tarball, what lands in OUT), with python3,
+    nvidia-smi and compute-sanitizer replaced by scripts that log their arguments."""
+    import os
+    import tarfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3"',
+        "compute-sanitizer": 'echo "compute-sanitizer $*"',
+        # a bench writes its --json / --plot files; everything else only logs its arguments
+        "python3": 'echo "python3 $*"; while [ $# -gt 0 ]; do case "$1" in '
+                   '--json|--plot) echo x > "$2"; shift;; -c) case "$2" in *capability*) '
+                   'echo 9.0;; esac; shift;; esac; shift; done',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["gpu_session_essential.tgz", "token_stats-h100.json",
+                            "token_stats-h100.png", "linear-h100.json", "linear-h100.png",
+                            "score-h100.json"])
+    with tarfile.open(out / "gpu_session_essential.tgz") as tar:
+        names = {pathlib.PurePath(n).name for n in tar.getnames()}
+    steps, _ = _plan()
+    assert {f"{name}.log" for name, _, _ in steps} | {"steps.tsv"} <= names
+    table = (tmp_path / "erm_gpu_session_essential" / "steps.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in table] == [name for name, _, _ in steps]
+    assert all(row.split("\t")[2] == "0" for row in table), table
+    build_log = (tmp_path / "erm_gpu_session_essential" / "build.log").read_text()
+    assert "-m pip install --no-build-isolation --no-deps -e ." in build_log
