@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from .data import DataError, json_lines, read_lines
+
 ARITHMETIC = Path(__file__).parent / "data" / "arithmetic.jsonl"
 
 
@@ -20,32 +22,33 @@ def load_prompts(path: Optional[str] = None) -> Tuple[List[dict], List[dict]]:
     """(train, eval) prompt records {"prompt": str, "answer": str | None}.
 
     `path`: .jsonl with a "prompt" per line (optional "answer", optional "split": "eval" marks
-    held-back prompts) or a text file with one prompt per line; None: erm/data/arithmetic.jsonl.
+    held-back prompts) or a text file with one prompt per line, plain or gzip-compressed UTF-8
+    (read by `erm.data`); None: erm/data/arithmetic.jsonl.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError (a ValueError): a line that is not JSON or has no 'prompt' (naming the file
+            and line), no prompts, or every prompt in the eval split.
     """
     path = Path(path) if path is not None else ARITHMETIC
+    if path.suffix == ".jsonl":
+        lines = json_lines(path)
+    else:
+        lines = ((n, {"prompt": line}) for n, line in enumerate(read_lines(path), 1)
+                 if line.strip())
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-                if not isinstance(d, dict) or not isinstance(d.get("prompt"), (str, list)):
-                    raise ValueError(f"{path}:{n}: needs a 'prompt' field")
-            else:
-                d = {"prompt": line.rstrip("\n")}
-            a = d.get("answer")
-            rows.append({"prompt": d["prompt"], "answer": None if a is None else str(a),
-                         "split": d.get("split", "train")})
+    for n, d in lines:
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), (str, list)):
+            raise DataError(f"{path}: line {n}: needs a 'prompt' field")
+        a = d.get("answer")
+        rows.append({"prompt": d["prompt"], "answer": None if a is None else str(a),
+                     "split": d.get("split", "train")})
     if not rows:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts")
     train = [r for r in rows if r["split"] != "eval"]
     held = [r for r in rows if r["split"] == "eval"]
     if not train:
-        raise ValueError(f"{path}: every prompt is in the eval split")
+        raise DataError(f"{path}: every prompt is in the eval split")
     return train, held
 
 
