@@ -756,6 +756,10 @@ def test_score_and_rewardbench_eval_take_a_sentence_rm(tmp_path, srm_dirs, capsy
     rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--model",
                        srm_dirs["attention"], "--reduction", "mean"], capsys)
     assert rc == 2 and "SentenceRM" in err and "--reduction" in err
+    for extra in (["--alpha", "0.5"], ["--gamma", "0.9"]):  # options only an EndoRM has
+        rc, _, err = _run(["score", "--data", str(src), "--out", str(dst), "--model",
+                           srm_dirs["attention"]] + extra, capsys)
+        assert rc == 2 and "SentenceRM" in err and extra[0] in err, err
     rows = [{"prompt": f"Q{i}?", "chosen": f"Yes. It is {i}.", "rejected": f"No. Not {i}.",
              "subset": s, "id": i} for i, s in enumerate(["alpacaeval-easy", "math-prm"])]
     out = tmp_path / "rb.json"
