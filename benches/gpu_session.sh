@@ -4,6 +4,8 @@
 #   bash benches/gpu_session.sh OUT            # the essential pass: at most 480 s of step limits
 #   bash benches/gpu_session.sh OUT extra      # the optional second pass: at most 300 s
 #   bash benches/gpu_session.sh --plan [extra] # print the steps, their limits and the total
+#   ERM_GPU_STEPS=tests,token_stats bash benches/gpu_session.sh OUT   # only these steps (a rerun
+#                                              # on the same machine: the build is already there)
 #
 # Essential pass: build the CUDA extension for this GPU's architecture only (MAX_JOBS=16; if that
 # fails, erm is installed without it and the cuda rows are missing); the GPU tests of
@@ -45,8 +47,10 @@ case "$PASS" in essential|extra) ;; *) usage ;; esac
 MAX_S=480; [ "$PASS" = extra ] && MAX_S=300
 total=0
 
+ONLY=${ERM_GPU_STEPS:-}
 step() {  # step NAME LIMIT CMD...: run CMD under a LIMIT-second timeout, log to $LOGS/NAME.log
   local name=$1 limit=$2 rc; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
   total=$((total + limit))
   if [ $PLAN = 1 ]; then
     printf '%s\t%s\t' "$name" "$limit"; printf '%q ' "$@"; printf '\n'

@@ -209,3 +209,15 @@ def test_a_run_with_stand_in_tools_returns_at_most_8_files(tmp_path):
     assert all(row.split("\t")[2] == "0" for row in table), table
     build_log = (tmp_path / "erm_gpu_session_essential" / "build.log").read_text()
     assert "-m pip install --no-build-isolation --no-deps -e ." in build_log
+
+
+def test_a_rerun_can_name_its_steps():
+    import os
+
+    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, ERM_GPU_STEPS="tests,score"))
+    lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
+    steps, _ = _plan()
+    limits = {name: limit for name, limit, _ in steps}
+    assert [ln[0] for ln in lines] == ["tests", "score", "total"]
+    assert int(lines[-1][1]) == limits["tests"] + limits["score"]
