@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune
-from .common import centred
+from .common import centred, exp_terms, ref_max, rescale, sm_count
+from .merge import rescale as rescale_partials
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -165,15 +166,12 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
         tz += tl.sum(tl.where(hit, z, 0.0), axis=1)
         x = tl.where(col_ok[None, :], z, neg_inf)       # raw logits; the max is taken raw
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_use = tl.where(m_new > neg_inf, m_new, 0.0)  # all −inf so far: keep exp() finite
-        dm = centred(m, m_use) * inv_alpha             # −inf when nothing was seen
-        scale = tl.exp(dm)
-        d = centred(x, m_use[:, None]) * inv_alpha
-        ex = tl.exp(d)
+        m_ref = ref_max(m_new)
+        s, w = rescale(s, w, m, m_ref, inv_alpha, False, WITH_ENT)
+        ex, exd = exp_terms(x, m_ref[:, None], inv_alpha, False)
+        s += tl.sum(ex, axis=1)
         if WITH_ENT:
-            t_w = tl.sum(ex * tl.where(ex > 0, d, 0.0), axis=1)  # 0·(−inf) would be NaN
-            w = tl.where(scale > 0, scale * (w + s * dm), 0.0) + t_w
-        s = s * scale + tl.sum(ex, axis=1)
+            w += tl.sum(exd, axis=1)
         m = m_new
     out = pid_c.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -298,15 +296,9 @@ def _upcast(dtype):
     return INTERPRET and dtype == torch.bfloat16
 
 
-def _n_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _fwd_chunks(n, v, device):
     """Vocab chunk width (a multiple of _V_ALIGN) so that token blocks × chunks fills the GPU."""
-    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else 4 * _n_sms(device)
+    target = TARGET_PROGRAMS if TARGET_PROGRAMS is not None else 4 * sm_count(device)
     nb = triton.cdiv(n, 16 if INTERPRET else 128)
     want = max(1, min(triton.cdiv(target, nb), triton.cdiv(v, _V_ALIGN)))
     chunk = triton.cdiv(triton.cdiv(v, want), _V_ALIGN) * _V_ALIGN
@@ -342,20 +334,18 @@ def _combine(m, s, w, tz, targets, alpha, ignore_index, with_entropy):
     """Merge the per-chunk partials (chunks, N) into the outputs (O(chunks·N))."""
     mx = m.amax(dim=0)
     mx = torch.where(mx == float("-inf"), 0.0, mx)
-    dm = torch.where(m == mx, 0.0, m - mx) / alpha
-    sc = torch.exp(dm)
-    ssum = (s * sc).sum(dim=0)
+    _, s_ref, w_ref = rescale_partials(m, s, w if with_entropy else None, mx, alpha)
+    ssum = s_ref.sum(dim=0)
     ln_s = torch.log(ssum)
     valid = targets != ignore_index
-    tl_out = torch.where(valid, tz.sum(dim=0), 0.0)
-    lp = torch.where(tl_out == mx, 0.0, tl_out - mx) / alpha - ln_s
+    target_logit = torch.where(valid, tz.sum(dim=0), 0.0)
+    lp = torch.where(target_logit == mx, 0.0, target_logit - mx) / alpha - ln_s
     logprob = torch.where(valid, torch.where(lp > 0, 0.0, lp), 0.0)  # ≤ 0; NaN stays NaN
     if with_entropy:
-        wsum = torch.where(sc > 0, sc * (w + s * dm), 0.0).sum(dim=0)
-        ent = ln_s - wsum / ssum
+        ent = ln_s - w_ref.sum(dim=0) / ssum
     else:
         ent = torch.empty(0, dtype=torch.float32, device=m.device)
-    return logprob, mx / alpha + ln_s, tl_out, ent, torch.stack([mx, ln_s], dim=1)
+    return logprob, mx / alpha + ln_s, target_logit, ent, torch.stack([mx, ln_s], dim=1)
 
 
 def _row_coefs(targets, ent, g_lp, g_lse, g_tl, g_ent, alpha, ignore_index, with_ent):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .rows import row_layout
 from .autotune import autotune
-from .common import centred
+from .common import centred, exp_terms, ref_max, rescale, sm_count
 
 _empty = torch.empty  # tests swap in a NaN-filling allocator to catch unwritten outputs
 LOG2E = 1.4426950408889634
@@ -84,15 +84,12 @@ def _fwd_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, ws_ptr,
         cols = off + tl.arange(0, BLOCK_V)
         z = tl.load(z_ptr + base + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: keep exp2 finite
-        dm = centred(m, m_ref) * c2                             # −inf when nothing was seen
-        rescale = tl.exp2(dm)
-        d = centred(z, m_ref) * c2
-        e = tl.exp2(d)
+        m_ref = ref_max(m_new)
+        s_vec, w_vec = rescale(s_vec, w_vec, m, m_ref, c2, True, WITH_ENT)
+        e, ed = exp_terms(z, m_ref, c2, True)
+        s_vec += e
         if WITH_ENT:
-            w_old = tl.where(rescale > 0, rescale * (w_vec + s_vec * dm), 0.0)
-            w_vec = w_old + e * tl.where(e > 0, d, 0.0)
-        s_vec = s_vec * rescale + e
+            w_vec += ed
         m = m_new
     s = tl.sum(s_vec, 0)
     w = tl.sum(w_vec, 0)
@@ -118,11 +115,9 @@ def _combine_kernel(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, ws_p
     si = tl.load(p + 1)
     wi = tl.load(p + 2)
     m = tl.max(mi, 0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    dm = centred(mi, m_ref) * (inv_alpha * 1.4426950408889634)
-    f = tl.exp2(dm)
-    s = tl.sum(si * f, 0)
-    w = tl.sum(tl.where(f > 0, f * (wi + si * dm), 0.0), 0)
+    si, wi = rescale(si, wi, mi, ref_max(m), inv_alpha * 1.4426950408889634, True, WITH_ENT)
+    s = tl.sum(si, 0)
+    w = tl.sum(wi, 0)
     _finish(z_ptr, t_ptr, lp_ptr, lse_ptr, tl_ptr, ent_ptr, st_ptr, row, base, m, s, w, inv_alpha,
             ignore_index, WITH_ENT)
 
@@ -190,17 +185,11 @@ def _layout(logits):
     return z, z.numel() // v, v, inner, s_out, s_in
 
 
-def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so that the split path is exercised at test shapes
-
-
 def _plan(n, v, device, block_v, splits):
     if block_v is None:
         block_v = _MAX_BLOCK if device.type == "cuda" else 64
     if splits is None:
-        want = 4 * _sm_count(device)  # programs in flight to cover the memory latency
+        want = 4 * sm_count(device)  # programs in flight to cover the memory latency
         splits = 1
         if n < want:
             max_splits = max(1, v // block_v)  # at least one full chunk per split
