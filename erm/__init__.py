@@ -8,8 +8,8 @@ from .dispatch import backends
 from .ops import TokenStats, endogenous_rewards, soft_values, token_logprobs, token_stats
 from .ops import linear_endogenous_rewards, linear_token_stats, rewards_from_stats
 from .ops import entropy
-from .distributed import (vocab_parallel_endogenous_rewards, vocab_parallel_linear_token_stats,
-                          vocab_parallel_token_stats)
+from .ops import (vocab_parallel_endogenous_rewards, vocab_parallel_linear_token_stats,
+                  vocab_parallel_token_stats)
 from .model import EndoRM, SentenceReward, TokenRewards
 from .sentence_rm import SentenceRM, SentenceScore
 from .train_srm import train_sentence_rm

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import erm
-from erm.distributed import (vocab_parallel_endogenous_rewards, vocab_parallel_linear_token_stats,
-                             vocab_parallel_token_stats)
+from erm.ops.vocab_parallel import (vocab_parallel_endogenous_rewards,
+                                    vocab_parallel_linear_token_stats, vocab_parallel_token_stats)
 
 V, N, D = 37, 6, 8
 

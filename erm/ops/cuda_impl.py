@@ -51,11 +51,11 @@ def forward(logits, targets, alpha, ignore_index, with_entropy):
     ops = _ops()
     z, inner, s_outer, s_inner = row_layout(logits)
     t = _flat_targets(targets)
-    lp, lse, tl, ent, state = ops.token_stats_fwd(z, t, float(alpha), int(ignore_index),
+    lp, lse, tz, ent, state = ops.token_stats_fwd(z, t, float(alpha), int(ignore_index),
                                                   bool(with_entropy), int(inner), int(s_outer),
                                                   int(s_inner))
     shape = targets.shape
-    return (lp.view(shape), lse.view(shape), tl.view(shape),
+    return (lp.view(shape), lse.view(shape), tz.view(shape),
             ent.view(shape) if with_entropy else ent, state)
 
 

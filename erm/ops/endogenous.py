@@ -8,14 +8,16 @@ With logits z_t at position t, temperature α and discount γ:
 after the last response token V(s_{t+1}) = 0 if the sequence terminated (EOS) and the soft value
 of the next position otherwise. With γ = 1 the rewards of a response sum to α·log π(y|x) + V(s_1):
 the sum telescopes. Everything is computed by `erm.token_stats` (one fused pass over the logits)
-and a few (B, T) tensor ops (`rewards_from_stats`). Test: tests/test_endogenous.py.
+and a few (B, T) tensor ops (`erm.ops.core.rewards`, shared with the linear and vocab-parallel
+reward functions). Test: tests/test_endogenous.py.
 """
 import torch
 from torch import Tensor
 
 from .. import _checks
 from ..constants import IGNORE_INDEX
-from .token_stats import _token_stats
+from .core import check_first_position, reward_args, rewards, shifted_targets
+from .token_stats import token_stats_op
 
 
 def soft_values(logits: Tensor, *, alpha: float = 1.0, backend: str = "auto") -> Tensor:
@@ -30,8 +32,9 @@ def soft_values(logits: Tensor, *, alpha: float = 1.0, backend: str = "auto") ->
     _checks.check_logits(logits)
     alpha = _checks.check_alpha(alpha, "alpha")
     targets = torch.full(logits.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=logits.device)
-    return alpha * _token_stats(logits, targets, alpha, IGNORE_INDEX, False,
-                                _checks.check_backend(backend)).lse
+    _, lse, _, _, _ = token_stats_op(logits, targets, alpha, IGNORE_INDEX, False,
+                                     _checks.check_backend(backend))
+    return alpha * lse
 
 
 def next_token_targets(ids: Tensor) -> Tensor:
@@ -66,35 +69,10 @@ def endogenous_rewards(logits: Tensor, input_ids: Tensor, *, response_mask=None,
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     ids = _checks.check_targets(input_ids, logits.shape[:-1], logits.device, name="input_ids")
-    alpha, gamma, mask, term = _reward_args(ids, response_mask, terminated, alpha, gamma)
-    st = _token_stats(logits, _shifted(ids), alpha, None, False, _checks.check_backend(backend))
-    return _rewards(st, mask, term, alpha, gamma)
-
-
-def _reward_args(ids: Tensor, response_mask, terminated, alpha, gamma):
-    """Validated (alpha, gamma, (B, T) mask, (B,) terminated) of the reward functions (shared
-    with `erm.linear_endogenous_rewards`)."""
-    alpha = _checks.check_alpha(alpha, "alpha")
-    gamma = _checks.check_gamma(gamma)
-    b, t = ids.shape
-    if response_mask is None:
-        mask = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-        mask[:, 0] = False
-    else:
-        mask = _checks.as_bool_tensor(response_mask, (b, t), "response_mask", ids.device)
-        _check_first_position(mask)
-    return alpha, gamma, mask, _checks.as_terminated(terminated, b, ids.device)
-
-
-def _check_first_position(mask: Tensor):
-    if bool(mask[:, 0].any()):
-        raise ValueError("response_mask marks position 0, which has no preceding state")
-
-
-def _shifted(ids: Tensor) -> Tensor:
-    """ids shifted left by one, wrapping around: index t holds ids[t+1]. The op range-checks every
-    id this way (ignore_index None), and the last column's target is never read."""
-    return torch.roll(ids, -1, dims=1)
+    alpha, gamma, mask, term = reward_args(ids, response_mask, terminated, alpha, gamma)
+    _, lse, target_logit, _, _ = token_stats_op(logits, shifted_targets(ids), alpha, None, False,
+                                                _checks.check_backend(backend))
+    return rewards(lse, target_logit, mask, term, alpha, gamma)
 
 
 def rewards_from_stats(stats, response_mask, terminated, *, alpha: float,
@@ -113,26 +91,13 @@ def rewards_from_stats(stats, response_mask, terminated, *, alpha: float,
     Returns:
         (B, W) float32 r_t = z_{t−1}[ids[t]] − γ·V(s_{t+1}), 0 outside the mask.
     """
-    lse, tl = getattr(stats, "lse", None), getattr(stats, "target_logit", None)
-    if not (isinstance(lse, Tensor) and isinstance(tl, Tensor)) or lse.dim() != 2 \
-            or lse.shape != tl.shape:
+    lse, target_logit = getattr(stats, "lse", None), getattr(stats, "target_logit", None)
+    if not (isinstance(lse, Tensor) and isinstance(target_logit, Tensor)) or lse.dim() != 2 \
+            or lse.shape != target_logit.shape:
         raise TypeError("stats must have (B, W) tensors .lse and .target_logit")
     b, w = lse.shape
     alpha, gamma = _checks.check_alpha(alpha, "alpha"), _checks.check_gamma(gamma)
     mask = _checks.as_bool_tensor(response_mask, (b, w), "response_mask", lse.device)
-    _check_first_position(mask)
-    return _rewards(stats, mask, _checks.as_terminated(terminated, b, lse.device), alpha, gamma)
-
-
-def _rewards(st, mask: Tensor, term: Tensor, alpha: float, gamma: float) -> Tensor:
-    """(B, W) rewards from the token stats of the next-token targets, on validated arguments."""
-    b, t = mask.shape
-    value = alpha * st.lse                                            # V(s_{t+1}) at index t
-    tl = st.target_logit
-    q = torch.cat([tl.new_zeros(b, 1), tl[:, :-1]], 1)                # z_{t-1}[a_t]
-    pos = torch.arange(t, device=mask.device)
-    last = (mask * pos).amax(dim=1, keepdim=True)                     # last response position
-    is_last = mask & (pos == last)
-    next_value = torch.where(is_last & term.unsqueeze(1), torch.zeros_like(value), value)
-    r = q - gamma * next_value
-    return torch.where(mask, r, torch.zeros_like(r))
+    check_first_position(mask)
+    term = _checks.as_terminated(terminated, b, lse.device)
+    return rewards(lse, target_logit, mask, term, alpha, gamma)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..constants import IGNORE_INDEX
-from .token_stats import _token_stats
+from .token_stats import token_stats_op
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
@@ -38,5 +38,5 @@ def entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") 
     lead = logits.shape[:-1]
     rows = logits if logits.dim() > 1 else logits.unsqueeze(0)
     targets = torch.full(rows.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=logits.device)
-    ent = _token_stats(rows, targets, alpha, IGNORE_INDEX, True, backend).entropy
+    _, _, _, ent, _ = token_stats_op(rows, targets, alpha, IGNORE_INDEX, True, backend)
     return ent.reshape(lead)

@@ -29,8 +29,8 @@ from torch import Tensor
 from .. import _checks, dispatch
 from . import torch_impl
 from ..constants import IGNORE_INDEX
-from .endogenous import _reward_args, _rewards, _shifted
-from .token_stats import TokenStats, _ignore
+from .core import flat_rows, ignore_value, reward_args, rewards, shifted_targets
+from .token_stats import TokenStats
 
 # ----------------------------------------------------------------------------------------------
 # torch backend: token chunks, float32 (float64 for float64 inputs) logits chunk of ≤ CHUNK_BYTES
@@ -113,18 +113,26 @@ BACKENDS = {"torch": _torch, "triton": _triton, "cuda": "triton"}
 
 
 @torch.library.custom_op("erm::linear_token_stats", mutates_args=())
-def _linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                           alpha: float, ignore_index: Optional[int], with_entropy: bool,
-                           deterministic: bool,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logprob, lse, target_logit, entropy, state (N, 2) for the backward)."""
+def linear_token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                          alpha: float, ignore_index: Optional[int], with_entropy: bool,
+                          deterministic: bool,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op `erm::linear_token_stats` on checked arguments (what `linear_token_stats` calls
+    after its checks; the vocab-parallel op calls it directly).
+
+    hidden (N, D) with a unit last stride (`erm.ops.core.flat_rows`), weight (V, D), bias (V,)
+    or None, targets (N,) int64, the scalars checked (ignore_index None: no ignored rows).
+    Returns (logprob, lse, target_logit, entropy, state): float32 (float64 for float64 inputs),
+    (N,) each, entropy (0,) unless `with_entropy`, state (N, 2) = each row's (max, centred
+    log-sum) for the backward. Differentiable w.r.t. hidden, weight and bias."""
     # the one range check of the ids (a device sync), inside the op so torch.compile traces it
     _checks.check_target_range(targets, weight.shape[0], ignore_index)
     _, (fwd, _) = dispatch.select(BACKENDS, backend, hidden.device, hidden.dtype)
-    return tuple(fwd(hidden, weight, bias, targets, alpha, _ignore(ignore_index), with_entropy))
+    return tuple(fwd(hidden, weight, bias, targets, alpha, ignore_value(ignore_index),
+                     with_entropy))
 
 
-@_linear_token_stats_op.register_fake
+@linear_token_stats_op.register_fake
 def _(hidden, weight, bias, targets, alpha, ignore_index, with_entropy, deterministic, backend):
     dt = torch_impl.acc_dtype(hidden)
     n = targets.shape[0]
@@ -143,7 +151,7 @@ def _linear_token_stats_backward_op(
     acc = torch_impl.acc_dtype(hidden)
     cast = lambda g: None if g is None else g.to(acc).contiguous()  # noqa: E731
     grads = [cast(g) for g in (g_lp, g_lse, g_tl, g_ent)]
-    return bwd(hidden, weight, bias, targets, state, ent, *grads, alpha, _ignore(ignore_index),
+    return bwd(hidden, weight, bias, targets, state, ent, *grads, alpha, ignore_value(ignore_index),
                need=(need_hidden, need_weight, need_bias), deterministic=deterministic)
 
 
@@ -182,7 +190,7 @@ def _backward(ctx, g_lp, g_lse, g_tl, g_ent, _g_state):
             None, None, None, None, None, None)
 
 
-_linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +228,12 @@ def _check_linear_inputs(hidden, weight, bias):
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def _flat_hidden(hidden: Tensor) -> Tensor:
-    h = hidden.reshape(-1, hidden.shape[-1])
-    return h if h.stride(-1) == 1 else h.contiguous()
+def check_linear_args(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets) -> Tensor:
+    """The tensors of `linear_token_stats` (and of its vocab-parallel form), checked: raises
+    TypeError / ValueError as documented there; returns `targets` as a tensor on hidden's device
+    (an int64 tensor with the leading shape of hidden)."""
+    _check_linear_inputs(hidden, weight, bias)
+    return _checks.check_targets(targets, hidden.shape[:-1], hidden.device)
 
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *,
@@ -262,8 +273,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         ValueError: shape mismatch (hidden D vs weight D, bias V, targets), empty input,
             temperature <= 0, out-of-range target ids.
     """
-    _check_linear_inputs(hidden, weight, bias)
-    targets = _checks.check_targets(targets, hidden.shape[:-1], hidden.device)
+    targets = check_linear_args(hidden, weight, bias, targets)
     return _linear_token_stats(
         hidden, weight, bias, targets, _checks.check_alpha(temperature),
         _checks.check_ignore_index(ignore_index), _checks.check_flag(entropy, "entropy"),
@@ -274,9 +284,10 @@ def _linear_token_stats(hidden, weight, bias, targets, alpha: float, ignore_inde
                         entropy: bool, deterministic: bool, backend: str) -> TokenStats:
     """`linear_token_stats` on validated arguments (the reward function calls this directly)."""
     shape = targets.shape
-    lp, lse, tl, ent, _ = _linear_token_stats_op(_flat_hidden(hidden), weight, bias, targets.reshape(-1),
-                                              alpha, ignore_index, entropy, deterministic, backend)
-    return TokenStats(lp.view(shape), lse.view(shape), tl.view(shape),
+    lp, lse, tz, ent, _ = linear_token_stats_op(flat_rows(hidden), weight, bias, targets.reshape(-1),
+                                                alpha, ignore_index, entropy, deterministic,
+                                                backend)
+    return TokenStats(lp.view(shape), lse.view(shape), tz.view(shape),
                       ent.view(shape) if entropy else None)
 
 
@@ -298,7 +309,7 @@ def linear_endogenous_rewards(hidden: Tensor, weight: Tensor, input_ids: Tensor,
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
     ids = _checks.check_targets(input_ids, hidden.shape[:-1], hidden.device, name="input_ids")
-    alpha, gamma, mask, term = _reward_args(ids, response_mask, terminated, alpha, gamma)
-    st = _linear_token_stats(hidden, weight, bias, _shifted(ids), alpha, None, False, True,
+    alpha, gamma, mask, term = reward_args(ids, response_mask, terminated, alpha, gamma)
+    st = _linear_token_stats(hidden, weight, bias, shifted_targets(ids), alpha, None, False, True,
                              _checks.check_backend(backend))
-    return _rewards(st, mask, term, alpha, gamma)
+    return rewards(st.lse, st.target_logit, mask, term, alpha, gamma)

@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import _checks, dispatch
 from ..constants import IGNORE_INDEX
 from . import torch_impl
+from .core import ignore_value
 
 
 class TokenStats(NamedTuple):
@@ -63,8 +64,8 @@ def _torch_forward(logits, targets, alpha, ignore_index, with_entropy):
                                     ignore_index, with_entropy) for i in range(logits.shape[0])]
         outs = tuple(torch.cat([p[k] for p in parts]) for k in range(5))
     shape = targets.shape
-    lp, lse, tl, ent, state = outs
-    return (lp.view(shape), lse.view(shape), tl.view(shape),
+    lp, lse, tz, ent, state = outs
+    return (lp.view(shape), lse.view(shape), tz.view(shape),
             ent.view(shape) if with_entropy else ent, state)
 
 
@@ -104,28 +105,29 @@ def _measure_key(logits, with_entropy):
             1 << (rows - 1).bit_length(), bool(with_entropy))
 
 
-def _ignore(ignore_index: Optional[int]) -> int:
-    """The ignore value the kernels compare with: None (no ignored rows, every target was checked
-    to lie in [0, V)) becomes -1, which no target equals."""
-    return -1 if ignore_index is None else ignore_index
-
-
 @torch.library.custom_op("erm::token_stats", mutates_args=())
-def _token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: Optional[int],
-                    with_entropy: bool,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logprob, lse, target_logit, entropy, state); state (N, 2) = (row max, centred log-sum)
-    per row is what the backward needs besides the logits (see erm/ops/torch_impl.py)."""
+def token_stats_op(logits: Tensor, targets: Tensor, alpha: float, ignore_index: Optional[int],
+                   with_entropy: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The op `erm::token_stats` on checked arguments (what `token_stats` calls after its
+    checks; the other ops that read token statistics call it directly).
+
+    logits (..., V) as in `token_stats`, targets (...) int64 with its leading shape, α a checked
+    float, ignore_index an int or None (no ignored rows: every target is range-checked), backend
+    a checked name. Returns (logprob, lse, target_logit, entropy, state), float32 (float64 for
+    float64 logits): the first three shaped like targets, entropy too when `with_entropy` (else
+    an empty (0,) tensor), state (N, 2) = each row's (max, centred log-sum), what the backward
+    needs besides the logits (see erm/ops/torch_impl.py). Differentiable w.r.t. logits."""
     # the one range check of the ids (a device sync), inside the op so torch.compile traces it
     _checks.check_target_range(targets, logits.shape[-1], ignore_index)
-    ii = _ignore(ignore_index)
+    ii = ignore_value(ignore_index)
     _, (fwd, _) = dispatch.select(
         BACKENDS, backend, logits.device, logits.dtype, key=_measure_key(logits, with_entropy),
         measure=lambda pair: lambda: pair[0](logits, targets, alpha, ii, with_entropy))
     return tuple(fwd(logits, targets, alpha, ii, with_entropy))
 
 
-@_token_stats_op.register_fake
+@token_stats_op.register_fake
 def _(logits, targets, alpha, ignore_index, with_entropy, backend):
     dt = torch_impl.acc_dtype(logits)
     mk = lambda shape: logits.new_empty(shape, dtype=dt)  # noqa: E731
@@ -141,7 +143,7 @@ def _token_stats_backward_op(logits: Tensor, targets: Tensor, state: Tensor, ent
     acc = torch_impl.acc_dtype(logits)
     cast = lambda g: None if g is None else g.to(acc).contiguous()  # noqa: E731
     grads = [cast(g) for g in (g_lp, g_lse, g_tl, g_ent)]
-    ii = _ignore(ignore_index)
+    ii = ignore_value(ignore_index)
     # the backward is timed on its own key: it may favour the other backend
     key = ("backward",) + _measure_key(logits, ent.numel() > 0) + tuple(g is not None for g in grads)
     _, (_, bwd) = dispatch.select(
@@ -172,14 +174,7 @@ def _backward(ctx, g_lp, g_lse, g_tl, g_ent, _g_state):
     return grad, None, None, None, None, None
 
 
-_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _token_stats(logits: Tensor, targets: Tensor, alpha: float, ignore_index: Optional[int],
-                 entropy: bool, backend: str) -> TokenStats:
-    """`token_stats` on validated arguments (the reward functions call this directly)."""
-    lp, lse, tl, ent, _ = _token_stats_op(logits, targets, alpha, ignore_index, entropy, backend)
-    return TokenStats(lp, lse, tl, ent if entropy else None)
+token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_stats(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
@@ -214,8 +209,11 @@ def token_stats(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
     _checks.check_logits(logits)
     targets = _checks.check_targets(targets, logits.shape[:-1], logits.device)
     alpha = _checks.check_alpha(temperature)
-    return _token_stats(logits, targets, alpha, _checks.check_ignore_index(ignore_index),
-                        _checks.check_flag(entropy, "entropy"), _checks.check_backend(backend))
+    ii = _checks.check_ignore_index(ignore_index)
+    entropy = _checks.check_flag(entropy, "entropy")
+    lp, lse, tz, ent, _ = token_stats_op(logits, targets, alpha, ii, entropy,
+                                         _checks.check_backend(backend))
+    return TokenStats(lp, lse, tz, ent if entropy else None)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,

@@ -7,13 +7,15 @@ raw maximum m_r, the centred log-sum log s_r = log Σ_{j∈r} exp((z_j − m_r)/
 H_r and the target logit when the target falls in its slice. The ranks then communicate, per row:
 
 1. one MAX all-reduce of m_r → the global row max m;
-2. one SUM all-reduce of (e_r, t_r, o_r, l_r, e_r·(H_r − d_r)) with d_r = (m_r − m)/α + log s_r
-   and e_r = exp(d_r); on the owner of the row's target t_r is the target logit, o_r = 1 and
-   l_r = its local log-prob + d_r (all 0 elsewhere; l_r serves rows whose max is +inf).
+2. one SUM all-reduce of (e_r, t_r, o_r, l_r, w_r): the shard's sums moved onto m by the
+   online-softmax merge (kernels/merge.py), e_r = s_r·e^{dm_r} and w_r = e^{dm_r}·(Σ e^d·d +
+   s_r·dm_r) with dm_r = (m_r − m)/α, s_r = e^{log s_r} and Σ e^d·d = s_r·(log s_r − H_r); on the
+   owner of the row's target t_r is the target logit, o_r = 1 and l_r = its local log-prob + d_r,
+   d_r = dm_r + log s_r (all 0 elsewhere; l_r serves rows whose max is +inf).
 
-Then S = Σ e_r, lse = m/α + log S, logprob = min(0, (z[a] − m)/α − log S) and H = Σ e_r·(H_r −
-d_r)/S + log S: the row-max-centred form of the single-process op, so a large common offset of
-the logits costs no digits. Every rank gets the full-vocabulary `TokenStats`.
+Then S = Σ e_r, lse = m/α + log S, logprob = min(0, (z[a] − m)/α − log S) and H = log S − Σ w_r/S:
+the row-max-centred form of the single-process op, so a large common offset of the logits costs
+no digits. Every rank gets the full-vocabulary `TokenStats`.
 
 Gradients reach the local shard (and, for the linear op, the local LM-head rows and the
 replicated hidden states, whose gradient is SUM all-reduced in the backward). As in Megatron, the
@@ -32,11 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _checks
-from .constants import IGNORE_INDEX
-from .ops.endogenous import _reward_args, _rewards, next_token_targets
-from .ops.linear_token_stats import _check_linear_inputs, _flat_hidden, _linear_token_stats_op
-from .ops.token_stats import TokenStats, _token_stats_op
+from .. import _checks
+from ..constants import IGNORE_INDEX
+from ..kernels.merge import rescale
+from .core import flat_rows, reward_args, rewards
+from .endogenous import next_token_targets
+from .linear_token_stats import check_linear_args, linear_token_stats_op
+from .token_stats import TokenStats, token_stats_op
 
 __all__ = ["vocab_parallel_token_stats", "vocab_parallel_linear_token_stats",
            "vocab_parallel_endogenous_rewards"]
@@ -99,24 +103,26 @@ def _combine(local, state, valid, own, alpha, group, want_entropy):
     """Full-vocabulary TokenStats from each row's local (logprob, lse, target logit, entropy)
     and state (m, log s): one MAX and one SUM all-reduce (see the module docstring). The SUM also
     counts the owners of each row's target: a target no shard owns is out of range."""
-    lp_r, lse_r, tl_r, ent_r = local
-    state = state.reshape(*lse_r.shape, 2)
+    lp_r, lse_r, tz_r, ent_r = local
+    state = state.detach().reshape(*lse_r.shape, 2)  # constants: gradients flow through lse_r
     m_r, logs_r = state[..., 0], state[..., 1]
-    m = m_r.detach().clone()
+    m = m_r.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     finite = torch.isfinite(m)
-    # a row whose max is infinite: only the shards holding that max carry probability mass
-    inf_shift = torch.where(m_r == m, torch.zeros_like(m), torch.full_like(m, float("-inf")))
-    shift = torch.where(finite, (m_r - m) / alpha, inf_shift)
     zero = torch.zeros_like(m)
-    # d_r = lse_r − m/α: its value from the centred parts, its gradient that of lse_r
-    d = (shift + logs_r).detach() + torch.where(torch.isfinite(lse_r), lse_r - lse_r.detach(), zero)
-    e = torch.exp(d)
-    parts = [e, torch.where(own, tl_r, zero), own.to(e.dtype), torch.where(own, lp_r + d, zero)]
+    # log s_r = lse_r − m_r/α: its value from the centred state, its gradient that of lse_r
+    log_s_r = logs_r + torch.where(torch.isfinite(lse_r), lse_r - lse_r.detach(), zero)
+    s_r = torch.exp(log_s_r)
+    # Σ e^d·d of the shard = s_r·(log s_r − H_r); 0 for a shard without mass (H_r is NaN there)
+    w_r = s_r * torch.where(s_r > 0, log_s_r - ent_r, zero) if want_entropy else None
+    # a row whose max is infinite: only the shards holding that max keep mass (dm = −inf else)
+    dm, e, w = rescale(m_r, s_r, w_r, m, alpha)
+    d = dm + log_s_r                                                  # log e_r
+    parts = [e, torch.where(own, tz_r, zero), own.to(e.dtype), torch.where(own, lp_r + d, zero)]
     if want_entropy:
-        parts.append(e * torch.where(e > 0, ent_r - d, zero))
+        parts.append(w)
     total = _SumReplicated.apply(torch.stack(parts, -1), group)
-    s, tl = total[..., 0], total[..., 1]
+    s, tz = total[..., 0], total[..., 1]
     orphan = valid & (total[..., 2].detach() != 1)
     if bool(orphan.any()):
         raise ValueError(f"{int(orphan.sum())} target id(s) lie in no rank's vocabulary slice "
@@ -126,10 +132,10 @@ def _combine(local, state, valid, own, alpha, group, want_entropy):
     lse = torch.where(finite, m_a + log_s, m)
     # finite max: the single-process form (z[a] − m)/α − log S; infinite max: the owner's local
     # log-prob moved to the global normaliser (its own form for infinite logits)
-    lp = torch.where(finite, (tl - m) / alpha - log_s, total[..., 3] - log_s)
+    lp = torch.where(finite, (tz - m) / alpha - log_s, total[..., 3] - log_s)
     lp = torch.where(valid, torch.clamp_max(lp, 0.0), zero)
-    ent = total[..., 4] / s + log_s if want_entropy else None
-    return TokenStats(lp, lse, torch.where(valid, tl, zero), ent)
+    ent = log_s - total[..., 4] / s if want_entropy else None
+    return TokenStats(lp, lse, torch.where(valid, tz, zero), ent)
 
 
 def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: int, group=None,
@@ -158,7 +164,7 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: 
     alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
                                                      vocab_start)
     local, valid, own = _local_targets(targets, start, logits.shape[-1], ii)
-    *outs, state = _token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
+    *outs, state = token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
     return _combine(outs, state, valid, own, alpha, group, entropy)
 
 
@@ -181,14 +187,13 @@ def vocab_parallel_linear_token_stats(hidden: Tensor, weight: Tensor, targets: T
         N×V_local logits are never materialised beyond the fused op's tiles.
     """
     _check_group(group)
-    _check_linear_inputs(hidden, weight, bias)
-    targets = _checks.check_targets(targets, hidden.shape[:-1], hidden.device)
+    targets = check_linear_args(hidden, weight, bias, targets)
     alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
                                                      vocab_start)
     local, valid, own = _local_targets(targets, start, weight.shape[0], ii)
-    h = _flat_hidden(_CopyToShards.apply(hidden, group))
-    outs = _linear_token_stats_op(h, weight, bias, local.reshape(-1), alpha, IGNORE_INDEX,
-                                  entropy, True, backend)
+    h = flat_rows(_CopyToShards.apply(hidden, group))
+    outs = linear_token_stats_op(h, weight, bias, local.reshape(-1), alpha, IGNORE_INDEX,
+                                 entropy, True, backend)
     st = _combine(outs[:4], outs[4], valid.reshape(-1), own.reshape(-1), alpha, group, entropy)
     shape = targets.shape
     return TokenStats(*(None if x is None else x.view(shape) for x in st))
@@ -218,11 +223,11 @@ def vocab_parallel_endogenous_rewards(logits: Optional[Tensor], input_ids: Tenso
     if lead.dim() != 3:
         raise ValueError(f"expected (B, T, ·) inputs, got shape {tuple(lead.shape)}")
     ids = _checks.check_targets(input_ids, lead.shape[:-1], lead.device, name="input_ids")
-    alpha, gamma, mask, term = _reward_args(ids, response_mask, terminated, alpha, gamma)
+    alpha, gamma, mask, term = reward_args(ids, response_mask, terminated, alpha, gamma)
     nxt = next_token_targets(ids)
     kw = dict(vocab_start=vocab_start, group=group, temperature=alpha, backend=backend)
     if logits is not None:
         st = vocab_parallel_token_stats(logits, nxt, **kw)
     else:
         st = vocab_parallel_linear_token_stats(hidden, weight, nxt, bias=bias, **kw)
-    return _rewards(st, mask, term, alpha, gamma)
+    return rewards(st.lse, st.target_logit, mask, term, alpha, gamma)
