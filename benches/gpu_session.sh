@@ -89,6 +89,8 @@ BUILD='timeout 78 env ERM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$0" MAX_JOBS=16 pyt
 'echo "!! the CUDA build failed or timed out: installing erm without erm._C (no cuda rows)"; '\
 'ERM_BUILD_CUDA=0 python3 -m pip install -q --no-build-isolation --no-deps -e .; exit 3'
 VERSIONS='import erm, torch, triton; print(erm.backends(), "torch", torch.__version__, "triton", triton.__version__)'
+# -v: a step stopped by its limit still shows which tests passed and which one was running
+PYTEST=(env ERM_AUTOTUNE=pinned python3 -m pytest -v -rfE --maxfail=20 -p no:cacheprovider --durations=10)
 SAN_ENV=(env ERM_AUTOTUNE=pinned PYTORCH_NO_CUDA_MEMORY_CACHING=1)
 SAN_ARGS=(--print-limit 20 --error-exitcode 9 python3 benches/sanitize_cases.py)
 
@@ -97,15 +99,14 @@ if [ "$PASS" = essential ]; then
   step peers 10 bash -c "$PEERS"
   step build 90 bash -c "$BUILD" "$ARCH"
   step versions 10 python3 -c "$VERSIONS"
-  step tests 78 env ERM_AUTOTUNE=pinned python3 -m pytest -q --maxfail=20 -p no:cacheprovider \
-    --durations=15 tests/test_token_stats.py tests/test_endogenous.py \
-    tests/test_linear_token_stats.py tests/test_dispatch.py tests/test_cuda_ext.py \
-    -k "not builds_and_registers and not compile_for_sm90"
+  step tests 45 "${PYTEST[@]}" tests/test_token_stats.py tests/test_endogenous.py \
+    tests/test_dispatch.py tests/test_cuda_ext.py -k "not builds_and_registers and not compile_for_sm90"
+  step tests_linear 40 "${PYTEST[@]}" tests/test_linear_token_stats.py
   step memcheck 40 "${SAN_ENV[@]}" "$SAN" --tool memcheck "${SAN_ARGS[@]}"
   step racecheck 35 "${SAN_ENV[@]}" "$SAN" --tool racecheck "${SAN_ARGS[@]}"
-  step token_stats 82 python3 benches/bench_token_stats.py --reps 30 \
+  step token_stats 80 python3 benches/bench_token_stats.py --reps 30 \
     --json "$OUT/token_stats-$GPU.json" --plot "$OUT/token_stats-$GPU.png"
-  step linear 78 env ERM_AUTOTUNE_BUDGET_S=10 python3 benches/bench_linear_token_stats.py \
+  step linear 76 env ERM_AUTOTUNE_BUDGET_S=10 python3 benches/bench_linear_token_stats.py \
     --reps 10 --warmup 3 --json "$OUT/linear-$GPU.json" --plot "$OUT/linear-$GPU.png"
   step score 40 env ERM_AUTOTUNE_BUDGET_S=8 python3 benches/bench_score.py --reps 5 \
     --json "$OUT/score-$GPU.json"
