@@ -1,6 +1,6 @@
 """Preference-pair evaluation: does a reward model score the chosen response above the rejected one?
 
-    pairs = erm.evaluate.load_pairs("pairs.jsonl")      # or a list of dicts
+    pairs = erm.data.load_pairs("pairs.jsonl")          # or a list of dicts
     report = erm.evaluate.evaluate(rm, pairs)           # rm: erm.EndoRM
     report["methods"]["endorm_sum"]["accuracy"]
 
