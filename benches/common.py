@@ -263,7 +263,8 @@ def random_causal_lm(arch="qwen2", *, vocab, hidden=32, layers=2, heads=4, kv_he
     if arch not in classes:
         raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
     cfg_cls, cls = classes[arch]
-    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden,
+                  intermediate_size=intermediate or 2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                   tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=3,

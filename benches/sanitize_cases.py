@@ -1,4 +1,5 @@
-"""One small shape per GPU kernel, forward and backward, for compute-sanitizer (memcheck, racecheck).
+"""One small shape per GPU kernel, forward and backward, for compute-sanitizer (memcheck and
+racecheck).
 
     compute-sanitizer --tool memcheck python benches/sanitize_cases.py        # every case
     python benches/sanitize_cases.py --cases split --backends cuda            # one case
@@ -83,9 +84,10 @@ def linear_case(dev, deterministic):
         sum((o.double() * uk).sum() for o, uk in zip(st, u)).backward()
         res.append((st, [x.grad for x in xs]))
     tag = f"linear deterministic={deterministic}"
-    ok = all(_close(f"{tag} {k}", a, r, 1e-2) for k, a, r in zip(res[0][0]._fields, *[x[0] for x in res]))
+    (st, grads), (st64, grads64) = res
+    ok = all(_close(f"{tag} {k}", a, r, 1e-2) for k, a, r in zip(st._fields, st, st64))
     return all([_close(f"{tag} grad_{k}", a, r, 5e-2)
-                for k, a, r in zip(("hidden", "weight", "bias"), res[0][1], res[1][1])]) and ok
+                for k, a, r in zip(("hidden", "weight", "bias"), grads, grads64)]) and ok
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """`triton.autotune` that can be declared on a machine without a GPU driver, with a bounded search.
 
-Triton before 3.3 builds its benchmarker when the decorator runs (`driver.active.get_benchmarker()`),
-which raises "0 active drivers" on a CPU-only machine, so importing a kernel module failed under
+Triton before 3.3 builds its benchmarker when the decorator runs
+(`driver.active.get_benchmarker()`), which raises "0 active drivers" on a CPU-only machine, so importing a kernel module failed under
 the interpreter and in ahead-of-time compiles (and 3.2 drops a `do_bench=` argument). Giving it
 explicit warm-up and repetition times takes its other branch, which builds the same
 `triton.testing.do_bench` (25 ms warm-up, 100 ms of repetitions: Triton's defaults) without
@@ -126,8 +126,8 @@ class _Budget:
 
 def autotune(configs, key, *, quick=None, **kwargs):
     """`triton.autotune(configs, key, **kwargs)`, GPU-free at declaration time, searching the
-    configs that ERM_AUTOTUNE selects (`quick`: indices into `configs` of the shortlist, best
-    guess first; see the module docstring)."""
+    configs that ERM_AUTOTUNE selects (`quick`: the shortlist, best guess first, as indices into
+    `configs` or dicts of meta-parameters; see `select` and the module docstring)."""
     if len(configs) == 1 and os.environ.get("TRITON_INTERPRET", "0") == "1":
         return lambda fn: _Fixed(fn, configs[0])
     which = mode()
