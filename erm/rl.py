@@ -41,15 +41,13 @@ same state. Exact-match accuracy on the held-back prompts is measured before and
     erm rl --steps 10 --prompts-per-step 2 --k 4 --max-new-tokens 24 --plot
     from erm.rl import RLConfig, Trainer; Trainer(RLConfig(steps=2)).train()
 
-Under torchrun the same loop runs data parallel: the DDP / FSDP2 wrappers of the policy and the
-sums of the metrics over the ranks come from `erm.dp`; the curves are drawn by `erm.plots`.
-
-Tests: tests/test_rl.py. Bench of one policy update: benches/bench_rl_step.py.
+Around the loop: `erm.dp` (DDP / FSDP2 wrappers, sums over the ranks, full checkpoints),
+`erm.rl_eval` (exact match), `erm.plots` (curves). Tests: tests/test_rl.py, bench:
+benches/bench_rl_step.py.
 """
 import copy
 import dataclasses
 import json
-import os
 import random
 import resource
 import time
@@ -64,6 +62,7 @@ from . import dp, lm
 from .constants import IGNORE_INDEX
 from .ops.endogenous import rewards_from_stats
 from .plots import plot_curves
+from .rl_eval import encode_prompts, exact_match_accuracy
 from .tasks import is_correct, load_prompts
 
 
@@ -86,8 +85,7 @@ class RLConfig:
     k: int = _opt(4, "samples per prompt (the group)")
     max_new_tokens: int = _opt(32, "longest sampled response")
     temperature: float = _opt(1.0, "sampling temperature τ")
-    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α of every log-prob, "
-                                        "entropy and soft value; None: = temperature")
+    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α; None: = temperature")
     gamma: float = _opt(1.0, "discount of the endogenous reward (and reward-to-go)")
     objective: str = _opt("grpo", "advantage estimator", choices=("grpo", "rloo", "reinforce"))
     normalize: bool = _opt(True, "grpo: divide by group std; reinforce: whiten G_t")
@@ -114,8 +112,7 @@ class RLConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self):
-        """Check the fields and resolve `alpha`: afterwards it is always the float α (the
-        sampling temperature when None was given)."""
+        """Check the fields; resolve `alpha` to the float α (None: the sampling temperature)."""
         if self.objective not in ("grpo", "rloo", "reinforce"):
             raise ValueError(f"objective must be grpo, rloo or reinforce, got {self.objective!r}")
         if not self.temperature > 0:
@@ -133,26 +130,12 @@ class RLConfig:
             lm.check_device(self.device)   # a device this machine does not have: a clear error
 
 
-# ============================================================================ model helpers
-def encode_prompts(tokenizer, prompts: Sequence, system_prompt: Optional[str] = None,
-                   pad_id: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """Render prompts as the model's context (`erm.lm.context_ids`) and LEFT-pad them, so every
-    response starts at the same column.
-
-    Returns:
-        input_ids (B, P) int64 and attention_mask (B, P) int64, on the CPU.
-    """
-    seqs = [lm.context_ids(tokenizer, lm.messages(p, system_prompt)) for p in prompts]
-    ids, attn, _ = lm.pad(seqs, lm.pad_id(tokenizer) if pad_id is None else pad_id, side="left")
-    return ids, attn
-
-
+# ============================================================================ 1. rollout
 def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda"
                           and dtype in (torch.bfloat16, torch.float16))
 
 
-# ============================================================================ 1. rollout
 @dataclass
 class Rollout:
     """One batch of B = prompts × k sampled responses.
@@ -350,13 +333,10 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
     `old_logprobs` (B, R): log π_old of the responses; None takes them from the first epoch's
     forward, which runs with the rollout weights. Returns the metrics of the first epoch (kl,
     entropy, ratio: means over response tokens) and over all epochs (clip fraction, first and
-    last loss, grad norm).
-
-    With `policy` a DDP or FSDP wrapper (`erm.dp.wrap_ddp`, `erm.dp.wrap_fsdp`) the batch is
-    this rank's share: the loss is normalised by the response tokens of all ranks and scaled by
-    the world size, so the wrapper's mean of the gradients is the gradient of the whole batch's
-    loss; the metrics are summed over the ranks (one small all-reduce per epoch besides the
-    wrapper's)."""
+    last loss, grad norm). With `policy` a DDP or FSDP wrapper (`erm.dp.wrap_ddp`, `wrap_fsdp`)
+    the batch is this rank's share: the loss is normalised by the response tokens of all ranks
+    and scaled by the world size, so the wrapper's mean of the gradients is the gradient of the
+    whole batch's loss; the metrics are summed over the ranks."""
     dev = batch.input_ids.device
     parallel = dp.is_data_parallel(policy)
     n_tok = int(max(1.0, dp.all_sum([batch.response_mask.sum()], dev)[0] if parallel
@@ -386,11 +366,9 @@ def _backward(policy, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
               old_logprobs: Optional[Tensor], cfg: RLConfig, n_tok: int,
               compute_dtype: torch.dtype) -> Tuple[float, Dict[str, float], Tensor]:
     """One epoch's gradients, accumulated over micro-batches of `cfg.micro_batch` sequences
-    (under DDP / FSDP reduced over the ranks once, in the last micro-batch's backward).
-    `old_logprobs` None: log π_old is this forward's own (detached) log-probs.
-
-    Returns (the loss, the `ppo_loss` sums (over the ranks when data parallel), this forward's
-    log-probs (B, R) float32, detached)."""
+    (under DDP / FSDP reduced over the ranks once, in the last micro-batch's backward);
+    `old_logprobs` None: log π_old is this forward's own. Returns (the loss, the `ppo_loss`
+    sums (over the ranks when data parallel), this forward's log-probs (B, R) float32, detached)."""
     parallel = dp.is_data_parallel(policy)
     size = dp.rank_and_size()[1] if parallel else 1
     dev, b = batch.input_ids.device, batch.input_ids.shape[0]
@@ -419,42 +397,7 @@ def _backward(policy, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
     return total_loss, tot, torch.cat(parts)
 
 
-# ============================================================================ evaluation
-@torch.no_grad()
-def exact_matches(policy, tokenizer, prompts: Sequence[dict], *, max_new_tokens: int = 32,
-                  batch_size: int = 16, system_prompt: Optional[str] = None,
-                  sampler=None) -> List[bool]:
-    """Whether the final number of each greedy response equals its record's "answer".
-
-    Args:
-        prompts: records {"prompt": str or chat, "answer": str}.
-        sampler: the module whose `generate` decodes instead of `policy` (the FSDP wrapper).
-    Returns:
-        one bool per prompt.
-    """
-    from transformers import GenerationConfig
-
-    dev = next(policy.parameters()).device
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                          eos_token_id=lm.end_token_ids(policy, tokenizer),
-                          pad_token_id=lm.pad_id(tokenizer))
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids, attn = encode_prompts(tokenizer, [r["prompt"] for r in chunk], system_prompt)
-        out = (sampler or policy).generate(input_ids=ids.to(dev), attention_mask=attn.to(dev),
-                                           generation_config=gc)
-        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return [is_correct(t, r.get("answer")) for t, r in zip(texts, prompts)]
-
-
 # ============================================================================ the loop
-def _peak_memory_mb(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB
-
-
 class Trainer:
     """The RL loop. `Trainer(cfg).train()` or step by step with `step()`.
 
@@ -466,12 +409,10 @@ class Trainer:
             reference model and the endogenous reward model.
         train_prompts, eval_prompts: prompt records; None reads `cfg.prompts`.
 
-    Under torchrun (or in a process group already initialised) the loop is data parallel: the
-    policy is wrapped in DDP (or, with `cfg.fsdp`, sharded with FSDP2), each rank samples and
-    scores its contiguous share of the step's prompts (all k samples of a prompt on one rank, so
-    GRPO/RLOO groups never straddle ranks; ranks sample with seeds seed + rank), each rank
-    evaluates a share of the held-back prompts, and the metrics are summed over the ranks. Rank
-    0 alone writes the log, the checkpoint (a full, unsharded one) and the summary.
+    Under torchrun (or in a process group already initialised) the policy is wrapped in DDP
+    (FSDP2 with `cfg.fsdp`); each rank samples and scores whole groups of its share of the
+    step's prompts (seeds seed + rank) and of the held-back ones, the metrics are summed over
+    the ranks, and rank 0 alone writes the log, the (full) checkpoint and the summary.
     """
 
     def __init__(self, cfg: RLConfig, model=None, tokenizer=None,
@@ -560,9 +501,9 @@ class Trainer:
         # 4. update: ppo_epochs optimizer steps (through the DDP / FSDP wrapper under torchrun)
         m = update(self.wrapper or self.policy, self.optimizer, batch, adv, ref_lp, cfg,
                    compute_dtype=self.dtype)
-        times = {"step_time_s": time.perf_counter() - t0, "gen_time_s": t_gen}
+        dt = time.perf_counter() - t0
         self.step_idx += 1
-        rec = self._record(batch, tok_r, resp_r, correct, m, times)
+        rec = self._record(batch, tok_r, resp_r, correct, m, dt, t_gen)
         self.records.append(rec)
         if self.rank == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
@@ -570,71 +511,41 @@ class Trainer:
         return rec
 
     def _record(self, batch: Rollout, token_rewards: Tensor, response_rewards: Tensor,
-                correct: Tensor, update_metrics: Dict[str, float],
-                times: Dict[str, float]) -> dict:
-        """The log record of the step just taken: the batch's means summed over the ranks
-        (token_rewards (B, R), response_rewards (B,), correct (B,), all float32), the update's
-        metrics (`update`), throughput, times and peak memory, and the first sample's text."""
-        mask, m, dt = batch.response_mask, update_metrics, times["step_time_s"]
+                correct: Tensor, m: Dict[str, float], dt: float, t_gen: float) -> dict:
+        """The step's log record: the batch's means over all ranks (token_rewards (B, R),
+        response_rewards, correct (B,)), the update's metrics `m`, times, memory, a sample."""
+        mask, dev = batch.response_mask, self.device
         # batch sums over the ranks: responses, Σr, R, Σ tokens' r, correct, tokens, terminated
         b, sum_r, sum_resp, sum_tok, n_ok, n_resp, n_term = dp.all_sum(
             [len(batch.texts), (token_rewards * mask).sum(), response_rewards.sum(),
-             token_rewards.sum(), correct.sum(), mask.sum(), batch.terminated.sum()],
-            self.device)
+             token_rewards.sum(), correct.sum(), mask.sum(), batch.terminated.sum()], dev)
+        peak_mb = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         return {"step": self.step_idx,
                 "reward": sum_r / b, "reward_total": sum_resp / b,
                 "reward_per_token": sum_tok / max(n_resp, 1), "accuracy": n_ok / b,
                 "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
                 "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
                 "response_len": n_resp / b, "terminated": n_term / b,
-                "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": times["gen_time_s"],
-                "peak_mem_mb": _peak_memory_mb(self.device),
-                "sample": batch.texts[0][:200]}
+                "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": t_gen,
+                "peak_mem_mb": peak_mb, "sample": batch.texts[0][:200]}
 
     # ---------------------------------------------------------------- checkpoint / resume
-    def state_dict(self) -> dict:
-        """Policy + optimizer + RNG states + step (everything `load` needs to continue). The
-        policy and optimizer states are full (unsharded) under FSDP too: a collective there."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=self.cfg.fsdp)
-        return {"step": self.step_idx, "policy": get_model_state_dict(self.policy, options=full),
-                "optimizer": get_optimizer_state_dict(self.policy, self.optimizer, options=full),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "config": dataclasses.asdict(self.cfg)}
-
     def save(self, path: Optional[Path] = None) -> Path:
-        """Write the checkpoint atomically (default out/checkpoint.pt); rank 0 alone under DDP
-        and FSDP (every rank takes part in gathering FSDP's shards first)."""
+        """Write the checkpoint (default out/checkpoint.pt: the full policy and optimizer, the
+        RNG states, the step and the config) with `erm.dp.save_checkpoint`: atomically, by rank
+        0 (every rank takes part in gathering FSDP's shards first)."""
         path = Path(path) if path is not None else self.out / "checkpoint.pt"
-        if self.rank != 0 and not self.cfg.fsdp:
-            return path
-        state = self.state_dict()
-        if self.rank != 0:
-            return path
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return dp.save_checkpoint(path, self.policy, self.optimizer,
+                                  {"step": self.step_idx, "config": dataclasses.asdict(self.cfg)},
+                                  sharded=self.cfg.fsdp)
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint written by `save` (with or without FSDP: checkpoints are full);
         the JSONL log is cut back to its step."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        ck = torch.load(path, map_location="cpu" if self.cfg.fsdp else self.device,
-                        weights_only=False)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.policy, ck["policy"], options=full)
-        set_optimizer_state_dict(self.policy, self.optimizer, ck["optimizer"], options=full)
+        ck = dp.load_checkpoint(path, self.policy, self.optimizer, device=self.device,
+                                sharded=self.cfg.fsdp)
         self.step_idx = int(ck["step"])
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        random.setstate(ck["rng"]["python"])
-        if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
         if self.world > 1:  # the checkpoint holds rank 0's streams: each rank its own again
             torch.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step_idx)
         if self.log_path.exists() and self.rank == 0:
@@ -644,20 +555,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> float:
-        """Greedy exact match on the held-back prompts. Each rank decodes a contiguous share,
-        padded to the same number of batches (a sharded policy decodes in step on all ranks);
-        the counts are summed over the ranks."""
-        recs, w = self.eval_prompts, self.world
-        n = len(recs)
-        share = dp.shard(n, self.rank, w)
-        mine = recs[share.start:share.stop]
-        size = -(-n // w)
-        padded = mine + [recs[0]] * (size - len(mine)) if n else []
-        hits = exact_matches(self.policy, self.tokenizer, padded, sampler=self.sampler,
-                             max_new_tokens=self.cfg.eval_max_new_tokens,
-                             system_prompt=self.cfg.system_prompt)[:len(mine)]
-        ok, total = dp.all_sum([sum(hits), len(hits)], self.device)
-        return ok / total if total else float("nan")
+        """Greedy exact match on the held-back prompts (`erm.rl_eval.exact_match_accuracy`: each
+        rank decodes a share, the counts are summed over the ranks)."""
+        return exact_match_accuracy(self.policy, self.tokenizer, self.eval_prompts, self.device,
+                                    max_new_tokens=self.cfg.eval_max_new_tokens,
+                                    system_prompt=self.cfg.system_prompt, sampler=self.sampler)
 
     # ---------------------------------------------------------------- the whole run
     def train(self) -> dict:
