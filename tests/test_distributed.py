@@ -289,14 +289,16 @@ def _resume_fingerprint(rank):
     """Private parts, and rank 1's part header written with this run's fingerprint."""
     import json
 
-    from erm import cli
+    from pathlib import Path
+
+    from erm.cli import score as cli
 
     _private_parts(rank)
     seen = cli._score_fingerprint
     if rank == 1:
         def stamp(args, rm, field, given):
             fp = seen(args, rm, field, given)
-            part = cli.Path(f"{args.out}.part-1")
+            part = Path(f"{args.out}.part-1")
             lines = part.read_text().splitlines()
             head = json.dumps({"erm_part": 1, "fingerprint": fp})
             part.write_text("\n".join([head] + lines[1:]) + "\n")
