@@ -73,6 +73,7 @@ def init(device=None) -> tuple:
 
 
 def barrier() -> None:
+    """Wait for every rank of the process group (nothing without one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -114,6 +115,7 @@ def shard(n: int, rank: int, size: int) -> range:
 
 
 def part_path(out, rank: int) -> Path:
+    """The part file `rank` appends its scored rows to: OUT.part-RANK beside the output."""
     return Path(f"{out}.part-{rank}")
 
 
@@ -294,6 +296,7 @@ def _count_lines(paths, counted: dict) -> int:
 
 
 def remove_parts(out) -> None:
+    """Delete every part file of `out` (after the merged output is written)."""
     for p in parts(out):
         p.unlink(missing_ok=True)
 
