@@ -119,6 +119,58 @@ def _check_infinite(rank, world):
         torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+def _same_error_everywhere(exc_type, match, call):
+    """`call()` raises `exc_type` matching `match` on this rank; the message is then gathered
+    from every rank and must be identical."""
+    with pytest.raises(exc_type, match=match) as info:
+        call()
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, str(info.value))
+    assert len(set(got)) == 1, got
+
+
+def _check_bad_layouts(rank, world):
+    """Slices with a gap, overlapping slices, a rank with another temperature, an empty slice,
+    one rank's bad argument: every rank raises the same error (none waits on a lost peer)."""
+    z = torch.randn(3, V, generator=torch.Generator().manual_seed(15))
+    t = torch.tensor([0, 5, V - 1])
+    slices = _slices(world)
+    start, size = slices[rank]
+
+    def stats(lo, n, **kw):
+        return lambda: vocab_parallel_token_stats(z[:, lo:lo + n], t, vocab_start=lo,
+                                                  backend="torch", **kw)
+    last = world - 1
+    gap = stats(start + 1, size - 1) if rank == last else stats(start, size)
+    _same_error_everywhere(ValueError, rf"ids \[{slices[last][0]}, {slices[last][0] + 1}\) are "
+                           r"in no slice", gap)
+    over = stats(start - 2, size + 2) if rank == last else stats(start, size)
+    _same_error_everywhere(ValueError, "are in two slices", over)
+    hot = stats(start, size, temperature=0.5 if rank == 0 else 1.0)
+    _same_error_everywhere(ValueError, r"temperature must be the same on every rank, got "
+                           r"\[0.5, 1.0", hot)
+    empty = stats(start, 0) if rank == 1 else stats(start, size)
+    _same_error_everywhere(ValueError, "rank 1: this rank's vocabulary slice is empty", empty)
+    bad = stats(start, size, temperature=-1.0 if rank == last else 1.0)
+    _same_error_everywhere(ValueError, f"rank {last}: temperature must be", bad)
+    wrong = (lambda: vocab_parallel_token_stats(z[:, start:start + size].long(), t,
+                                                vocab_start=start)) if rank == 0 else \
+        stats(start, size)
+    _same_error_everywhere(TypeError, "rank 0: logits must be float32", wrong)
+    h, w = torch.randn(3, D), torch.randn(V, D)
+    lin = vocab_parallel_linear_token_stats(h, w[start:start + size], t, vocab_start=start,
+                                            backend="torch")
+    assert torch.isfinite(lin.lse).all()  # the group still works after the errors
+    _same_error_everywhere(ValueError, "rank 0: this rank's vocabulary slice is empty", lambda:
+                           vocab_parallel_linear_token_stats(
+                               h, w[start:start + (0 if rank == 0 else size)], t,
+                               vocab_start=start, backend="torch"))
+    rw = (lambda: vocab_parallel_endogenous_rewards(
+        z[None, :, start:start + size], t[None], vocab_start=start, backend="torch",
+        alpha=0.9 if rank == last else 1.0))
+    _same_error_everywhere(ValueError, "temperature must be the same on every rank", rw)
+
+
 def _worker(rank, world, port, checks):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -151,6 +203,12 @@ def test_two_ranks_equal_one_process():
 
 def test_three_uneven_ranks_equal_one_process():
     _spawn(3, [("_check_logits_op", (torch.float32, -3e3, 1e-5)), ("_check_linear_op", ())])
+
+
+def test_vocab_parallel_ranks_that_disagree_all_raise_the_same_error():
+    """One all-gather of (vocab_start, size, α) lets every rank see a bad layout or one rank's
+    bad argument, and raise the same error: no rank is left waiting in a collective."""
+    _spawn(3, [("_check_bad_layouts", ())])
 
 
 def test_needs_an_initialised_process_group():
@@ -200,9 +258,15 @@ def test_torchrun_score_equals_one_process(tmp_path):
 
 
 class _LenRM:
-    """A stand-in reward model for the command line: reward = len(response) (+ `offset`)."""
+    """A stand-in reward model for the command line: reward = len(response) (+ `offset`), with
+    the `erm.scoring.Scorer` attributes of an EndoRM (no causal LM behind it)."""
 
+    kind, label, reductions, cuts_prompts = "endorm", "EndoRM", ("sum", "mean"), True
     batch_size = 2
+    max_length = system_prompt = tokenizer = causal_lm = None
+
+    def check_pair(self, prompt, response, *, system_prompt=None, truncate=True):
+        pass
 
     def __init__(self, offset=0.0):
         self.offset, self.calls = offset, []

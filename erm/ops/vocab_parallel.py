@@ -6,6 +6,10 @@ V_r); shards may be uneven. Each rank runs erm's fused op on its shard, which gi
 raw maximum m_r, the centred log-sum log s_r = log Σ_{j∈r} exp((z_j − m_r)/α), the local entropy
 H_r and the target logit when the target falls in its slice. The ranks then communicate, per row:
 
+0. one small all-gather of (vocab_start, V_r, α, rows) and whether the rank's arguments passed
+   its checks: when any rank's did not, or the slices do not tile [0, V) without gaps or
+   overlaps, a slice is empty, or α or the rows differ between ranks, every rank raises the
+   same error (`layout_problem`) instead of one rank raising while its peers wait;
 1. one MAX all-reduce of m_r → the global row max m;
 2. one SUM all-reduce of (e_r, t_r, o_r, l_r, w_r): the shard's sums moved onto m by the
    online-softmax merge (kernels/merge.py), e_r = s_r·e^{dm_r} and w_r = e^{dm_r}·(Σ e^d·d +
@@ -28,7 +32,9 @@ all-reduce is the identity, and the max is a constant shift (lse does not depend
 
 Test: tests/test_distributed.py (gloo, 2–4 processes on CPU).
 """
-from typing import Optional
+import math
+import numbers
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +49,10 @@ from .linear_token_stats import check_linear_args, linear_token_stats_op
 from .token_stats import TokenStats, token_stats_op
 
 __all__ = ["vocab_parallel_token_stats", "vocab_parallel_linear_token_stats",
-           "vocab_parallel_endogenous_rewards"]
+           "vocab_parallel_endogenous_rewards", "layout_problem"]
+
+#: Bytes of an argument error that `_shared_error` sends to every rank (type byte + message).
+_MESSAGE_BYTES = 1024
 
 
 class _SumReplicated(torch.autograd.Function):
@@ -80,6 +89,86 @@ def _check_group(group):
         raise RuntimeError("torch.distributed is not initialised: call "
                            "torch.distributed.init_process_group first (torchrun sets it up)")
     return group
+
+
+def _number(x, integral: bool) -> float:
+    """`x` as a float for the layout all-gather; NaN when it is not a (integral) real number."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(x, bool) or not isinstance(x, kind):
+        return math.nan
+    return float(x)
+
+
+def _shared_error(group, device, rank: int, err: Optional[Exception]):
+    """The error of `rank` raised on every rank of `group` alike ("rank R: message"): its
+    type and message, UTF-8, travel in one fixed-size uint8 all-gather."""
+    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device=device)
+    if err is not None:
+        raw = bytes([isinstance(err, TypeError)]) + str(err).encode("utf-8")
+        raw = raw[:_MESSAGE_BYTES]
+        buf[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+    bufs = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(bufs, buf, group=group)
+    raw = bytes(bufs[rank].cpu().tolist()).rstrip(b"\0")
+    kind = TypeError if raw[:1] == b"\1" else ValueError
+    raise kind(f"rank {rank}: {raw[1:].decode('utf-8', errors='replace')}")
+
+
+def layout_problem(table) -> Optional[str]:
+    """What is wrong with the shards of a vocab-parallel group, or None.
+
+    Args:
+        table: per rank of the group, [start, size, α, n] (floats): the first vocabulary id of
+            its slice, the slice's length, its temperature and its number of target rows.
+    Returns:
+        None when every slice is non-empty, the slices tile [0, V) without gaps or overlaps,
+        and every rank has the same α and n; else a message naming the ranks and values.
+    """
+    sizes = [int(t[1]) for t in table]
+    if 0 in sizes:
+        return (f"every rank needs a non-empty vocabulary slice: rank(s) "
+                f"{[r for r, v in enumerate(sizes) if v == 0]} hold none")
+    alphas = [t[2] for t in table]
+    if any(a != alphas[0] for a in alphas):
+        return f"the temperature must be the same on every rank, got {alphas} (rank by rank)"
+    rows = [int(t[3]) for t in table]
+    if any(n != rows[0] for n in rows):
+        return f"the targets must be the same on every rank, got {rows} rows (rank by rank)"
+    slices = [(int(t[0]), int(t[1])) for t in table]
+    end = 0
+    for rank, (start, size) in sorted(enumerate(slices), key=lambda x: x[1]):
+        if start != end:
+            what = (f"ids [{end}, {start}) are in no slice" if start > end else
+                    f"ids [{start}, {min(end, start + size)}) are in two slices")
+            return (f"the vocabulary slices must tile [0, V) without gaps or overlaps: {what} "
+                    f"(rank {rank} starts at {start}); (vocab_start, size) by rank: {slices}")
+        end = start + size
+    return None
+
+
+def _agreed(group, lead, check: Callable, vocab_start, size, temperature, targets):
+    """`check()` (this rank's argument checks) and one small all-gather of (ok, vocab_start,
+    size, α, target rows) by which every rank of `group` raises the same error when any rank
+    rejected its arguments or the slices do not fit together (`layout_problem`); returns what
+    `check()` returned."""
+    try:
+        out, err = check(), None
+    except (TypeError, ValueError) as exc:
+        out, err = None, exc
+    device = lead.device if isinstance(lead, Tensor) else torch.device("cpu")
+    rows = targets.numel() if isinstance(targets, Tensor) else -1
+    row = torch.tensor([err is None, _number(vocab_start, True), size,
+                        _number(temperature, False), rows], dtype=torch.float64, device=device)
+    table = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, row, group=group)
+    table = torch.stack(table).cpu().tolist()
+    failed = [r for r, t in enumerate(table) if not t[0]]
+    if failed:
+        _shared_error(group, device, failed[0], err)
+    problem = layout_problem([t[1:] for t in table])
+    if problem is not None:
+        raise ValueError(problem)
+    return out
 
 
 def _check_args(temperature, ignore_index, entropy, backend, vocab_start):
@@ -126,7 +215,7 @@ def _combine(local, state, valid, own, alpha, group, want_entropy):
     orphan = valid & (total[..., 2].detach() != 1)
     if bool(orphan.any()):
         raise ValueError(f"{int(orphan.sum())} target id(s) lie in no rank's vocabulary slice "
-                         "(out of range, or overlapping slices)")
+                         "(out of range)")
     log_s = torch.log(s)
     m_a = m / alpha
     lse = torch.where(finite, m_a + log_s, m)
@@ -154,15 +243,25 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, *, vocab_start: 
         TokenStats of the full vocabulary, float32 shaped like `targets`, identical on every
         rank; differentiable w.r.t. the local logits (every rank computing the same loss).
     Raises:
-        RuntimeError: torch.distributed not initialised. TypeError / ValueError: as
-        `erm.token_stats`, and a bad vocab_start (checked before any communication); a target
-        that no rank's slice holds (found by the SUM all-reduce, on every rank alike).
+        RuntimeError: torch.distributed not initialised. TypeError / ValueError, on every rank
+        alike ("rank R: ..." for an argument one rank rejected): as `erm.token_stats`, a bad
+        vocab_start, an empty slice, slices with gaps or overlaps, a temperature or a number of
+        target rows that differs between ranks (one all-gather before the kernels), a target
+        that no rank's slice holds (found by the SUM all-reduce).
     """
     _check_group(group)
-    _checks.check_logits(logits)
-    targets = _checks.check_targets(targets, logits.shape[:-1], logits.device)
-    alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
-                                                     vocab_start)
+
+    def check():
+        if isinstance(logits, Tensor) and logits.dim() >= 1 and logits.shape[-1] == 0:
+            raise ValueError(f"this rank's vocabulary slice is empty (logits shape "
+                             f"{tuple(logits.shape)}): every rank needs at least one id")
+        _checks.check_logits(logits)
+        return (_checks.check_targets(targets, logits.shape[:-1], logits.device),
+                *_check_args(temperature, ignore_index, entropy, backend, vocab_start))
+
+    size = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 1 else -1
+    targets, alpha, ii, entropy, backend, start = _agreed(group, logits, check, vocab_start,
+                                                          size, temperature, targets)
     local, valid, own = _local_targets(targets, start, logits.shape[-1], ii)
     *outs, state = token_stats_op(logits, local, alpha, IGNORE_INDEX, entropy, backend)
     return _combine(outs, state, valid, own, alpha, group, entropy)
@@ -185,11 +284,21 @@ def vocab_parallel_linear_token_stats(hidden: Tensor, weight: Tensor, targets: T
         TokenStats of the full vocabulary on every rank; differentiable w.r.t. hidden (its
         gradient SUM all-reduced over the shards), the local weight rows and bias. The local
         N×V_local logits are never materialised beyond the fused op's tiles.
+    Raises:
+        as `vocab_parallel_token_stats` (and `erm.linear_token_stats` for the tensors).
     """
     _check_group(group)
-    targets = check_linear_args(hidden, weight, bias, targets)
-    alpha, ii, entropy, backend, start = _check_args(temperature, ignore_index, entropy, backend,
-                                                     vocab_start)
+
+    def check():
+        if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == 0:
+            raise ValueError("this rank's vocabulary slice is empty (weight shape "
+                             f"{tuple(weight.shape)}): every rank needs at least one row")
+        return (check_linear_args(hidden, weight, bias, targets),
+                *_check_args(temperature, ignore_index, entropy, backend, vocab_start))
+
+    size = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else -1
+    targets, alpha, ii, entropy, backend, start = _agreed(group, hidden, check, vocab_start,
+                                                          size, temperature, targets)
     local, valid, own = _local_targets(targets, start, weight.shape[0], ii)
     h = flat_rows(_CopyToShards.apply(hidden, group))
     outs = linear_token_stats_op(h, weight, bias, local.reshape(-1), alpha, IGNORE_INDEX,
