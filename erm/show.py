@@ -135,9 +135,10 @@ def sentence_summary(aggregate: str, score: float, sentences) -> Summary:
 
 
 def _model_name(rm) -> str:
-    model = getattr(rm, "model", None) or getattr(rm, "backbone", None)  # EndoRM, SentenceRM
-    cfg = getattr(model, "config", None)
-    name = str(getattr(rm, "name_or_path", None) or getattr(cfg, "_name_or_path", "") or "")
+    """How a page names the model of a scorer (`erm.scoring.Scorer`): the `_name_or_path` of its
+    causal LM's config, a local path by its last component ("" when it has none)."""
+    cfg = getattr(rm.causal_lm, "config", None)
+    name = str(getattr(cfg, "_name_or_path", "") or "")
     return Path(name).name if name.startswith(("/", ".", "~")) else name
 
 
@@ -370,13 +371,19 @@ def sentence_view(srm, prompt, response: str):
 
 def view(rm, prompt, response: str):
     """(TokenRewards, sentences, Summary) that `show` draws: an `erm.EndoRM`'s token and
-    sentence rewards, or a `erm.SentenceRM`'s sentences (`sentence_view`)."""
-    if hasattr(rm, "token_rewards"):
+    sentence rewards, or a `erm.SentenceRM`'s sentences (`sentence_view`), told apart by their
+    `kind` (`erm.scoring.Scorer`). Raises TypeError for another kind of scorer (a judge has no
+    per-token or per-sentence rewards to draw)."""
+    kind = getattr(rm, "kind", None)
+    if kind == "endorm":
         from .model import sentence_rewards_of
 
         tr = rm.token_rewards(prompt, response)  # one forward for tokens and sentences
         return tr, sentence_rewards_of(tr, response), token_summary(tr.rewards)
-    return sentence_view(rm, prompt, response)
+    if kind == "sentence_rm":
+        return sentence_view(rm, prompt, response)
+    raise TypeError(f"erm show draws an EndoRM or a SentenceRM (kind 'endorm' or "
+                    f"'sentence_rm'), got {type(rm).__name__} of kind {kind!r}")
 
 
 def show(rm, prompt, response: str, out, *, vmax: Optional[float] = None) -> Path:

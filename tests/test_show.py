@@ -210,3 +210,43 @@ def test_endorm_page_keeps_token_wording():
         plt.close(fig)
     assert f"Endogenous token rewards: {len(tr.rewards)} tokens, total {total:+.3f}" in drawn
     assert "token reward" in drawn
+
+
+def _endorm_stand_in(name):
+    """A scorer of kind "endorm" (`erm.scoring.Scorer`) whose model is reachable only through
+    `causal_lm`, with fixed token rewards."""
+    import torch
+
+    from erm.model import TokenRewards
+
+    tr = TokenRewards(tokens=["Paris", "."], offsets=[(0, 5), (5, 6)],
+                      rewards=torch.tensor([1.5, -0.5]), logprobs=torch.tensor([-0.1, -0.2]),
+                      values=torch.tensor([0.0, 0.0]))
+    lm = types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path=name))
+    return types.SimpleNamespace(kind="endorm", label="EndoRM", causal_lm=lm,
+                                 token_rewards=lambda prompt, response: tr)
+
+
+def test_page_names_the_model_of_any_scorer_by_its_causal_lm(tmp_path):
+    """The model name comes from the Scorer protocol's `causal_lm`, not from attribute names
+    one scorer class happens to use."""
+    page = show.show(_endorm_stand_in("/models/tiny-llama-ft"), "Capital?", "Paris.",
+                     tmp_path / "p.html").read_text("utf-8")
+    assert "tiny-llama-ft" in page and "/models" not in page
+    assert show.view(_endorm_stand_in("org/model"), "Capital?", "Paris.")[2].title \
+        .startswith("Endogenous")
+
+
+def test_view_follows_the_scorer_kind(srm, monkeypatch):
+    """A SentenceRM is drawn by sentences even when it has a `token_rewards` attribute; a judge
+    (no token or sentence rewards) is refused with a TypeError naming its kind."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a SentenceRM must not be drawn from token rewards")
+
+    monkeypatch.setattr(srm, "token_rewards", boom, raising=False)
+    tr, sents, summary = show.view(srm, SRM_PROMPT, SRM_RESPONSE)
+    assert len(sents) == 3 and "sentence" in summary.title.lower()
+    judge = types.SimpleNamespace(kind="judge", label="Judge (Yes/No)",
+                                  causal_lm=_endorm_stand_in("x").causal_lm)
+    with pytest.raises(TypeError, match="kind 'judge'"):
+        show.view(judge, "Capital?", "Paris.")
