@@ -122,6 +122,40 @@ def _srm_methods(srm, rm, methods) -> dict:
     return {m: table[m] for m in methods if m in table}
 
 
+def score_methods(rm, methods: Sequence[str], prompts, responses, *, srm=None,
+                  system_prompt=None, progress: bool = True, batch_size=None,
+                  truncate: bool = True) -> Dict[str, tuple]:
+    """Every method's scores of N (prompt, response) pairs, as `evaluate` computes them (one
+    EndoRM forward pass serves both reductions); for the protocols built on flat lists of
+    responses (`erm.rmbench`, `erm.best_of_n`).
+
+    Args:
+        rm, methods, srm, system_prompt, progress, batch_size, truncate: as in `evaluate`.
+        prompts: N prompts (strings or message lists).
+        responses: N response strings.
+    Returns:
+        {method: (N float scores, not-finite values included, seconds)}, in the order of
+        `methods`.
+    """
+    methods = tuple(methods)
+    srms = _srm_methods(srm, rm, methods)
+    unknown = [m for m in methods if m not in METHODS and m not in srms]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"duplicate methods in {methods}")
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    cache, out = {"srms": srms}, {}
+    for m in methods:
+        t0 = time.perf_counter()
+        scores = _method_scores(rm, m, list(prompts), list(responses),
+                                system_prompt=system_prompt, progress=progress,
+                                batch_size=batch_size, cache=cache, truncate=truncate)
+        out[m] = (scores, time.perf_counter() - t0)
+    return out
+
+
 def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: bool = True,
              system_prompt=None, batch_size=None, srm=None, truncate: bool = True) -> dict:
     """Preference accuracy of several scoring methods, side by side on the same model.
