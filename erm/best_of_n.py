@@ -343,7 +343,7 @@ def plot_curves(rep: dict, path, *, title: Optional[str] = None) -> None:
     import matplotlib.pyplot as plt
 
     cur = rep["curves"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     try:
         cmap = plt.get_cmap("tab10")
         for j, (m, ys) in enumerate(cur["methods"].items()):
@@ -358,7 +358,8 @@ def plot_curves(rep: dict, path, *, title: Optional[str] = None) -> None:
         ax.set_xticks(cur["k"])
         ax.set_ylim(0, 105)
         ax.set_title(title or f"Best-of-k on {rep['n']} prompts", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                  frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
         fig.tight_layout()
         fig.savefig(path)

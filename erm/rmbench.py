@@ -392,6 +392,10 @@ def plot_report(rep: dict, path, *, title: Optional[str] = None) -> None:
                               fontsize=7)
                 ax.set_yticks(range(_N), short if b == 0 else [""] * _N, fontsize=7)
                 ax.set_title(f"{rep['methods'][m]['label']}: {d}", fontsize=8)
+                if b == 0:
+                    ax.set_ylabel("chosen", fontsize=7)
+                if a == len(methods) - 1:
+                    ax.set_xlabel("rejected", fontsize=7)
         _bars(fig.add_subplot(grid[len(methods), :]), rep, methods)
         fig.suptitle(title or f"RM-Bench ({rep['n']} prompts): rows chosen style, columns "
                      "rejected style", fontsize=10)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..evaluate import DEFAULT_METHODS, METHODS
 from .models import check_srm_options, load_rm, load_srm, model_label
+from .eval_bench import SAMPLES, bench_methods, load_bench, run_bench, with_reduction
 from .options import (CLIError, atomic_output, check_model_options, check_not_input, check_out,
                       log, model_options, model_overrides, srm_overrides, verbose_option)
 from .truncation import check_pairs, run_scoring, truncation_note
@@ -126,7 +127,9 @@ def _rewardbench_model(args, rm, methods, srm_dirs):
     if set(methods) - {"endorm_sum", "endorm_mean"}:
         methods = ["endorm_sum"]  # RewardBench scores one reward model: EndoRM (sum) unless mean
     rm = load_rm(args, rm)
-    return rm, model_label(args, rm), "mean" if methods == ["endorm_mean"] else "sum"
+    reduction = getattr(args, "reduction", None) or (
+        "mean" if methods == ["endorm_mean"] else "sum")
+    return rm, model_label(args, rm), reduction
 
 
 def _eval_rewardbench(args, rm, data, methods, srm_dirs) -> int:
@@ -223,6 +226,7 @@ def cmd_eval(args, rm=None) -> int:
     from ..evaluate import format_table, plot_report
     models = list(args.model or [])
     srm_dirs = _split_models(args)
+    args.methods = with_reduction(args.methods, getattr(args, "reduction", None))
     rb_data = rewardbench.try_load(args.data) if args.data is not None else None
     if rb_data is not None:
         check_model_options(args)
@@ -230,8 +234,16 @@ def cmd_eval(args, rm=None) -> int:
             check_not_input(args.data, check_out(args.out), "--out")
         return _eval_rewardbench(args, rm, rb_data, [m.strip() for m in args.methods.split(",")],
                                  srm_dirs)
-    if args.format == "rewardbench":
-        raise CLIError("--format rewardbench needs a RewardBench v1/v2 file as --data")
+    bench = load_bench(args)  # RM-Bench or best-of-N data: erm.cli.eval_bench
+    if bench is not None:
+        check_model_options(args)
+        methods = bench_methods(args, bench[0])
+        rm, srm, methods = _load_eval_models(args, rm, methods, srm_dirs)
+        return run_bench(args, rm, srm, methods, bench)
+    if args.format in ("rewardbench", "rmbench"):
+        raise CLIError(f"--format {args.format} needs a "
+                       f"{'RewardBench v1/v2' if args.format == 'rewardbench' else 'RM-Bench'} "
+                       "file as --data")
     data, pairs, methods = _eval_inputs(args)
     rank, size, args.device = dp.init(args.device)
     if rank != 0:
@@ -273,7 +285,10 @@ def add_parser(sub) -> None:
                                    "and a length baseline at ranking the chosen response above "
                                    "the rejected one. Data: JSONL (plain or .gz) of {prompt, "
                                    "chosen, rejected, subset?} (prompt: string or messages), "
-                                   "RewardBench/TRL message lists, or HH-RLHF transcripts.")
+                                   "RewardBench/TRL message lists, or HH-RLHF transcripts; "
+                                   "RewardBench v1/v2, RM-Bench files and best-of-N files "
+                                   "{prompt, responses, correct, answers?} are recognised by "
+                                   "their fields and reported as their protocols do.")
     p.add_argument("--data", metavar="PAIRS.jsonl",
                    help="preference pairs (default: the built-in 64-pair sample)")
     p.add_argument("--out", metavar="REPORT.json", help="write the full report (with per-pair "
@@ -283,9 +298,16 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2",
                    help=f"comma-separated subset of {','.join(METHODS)} "
                         f"(default: {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--format", choices=("erm", "rewardbench"), default="erm",
-                   help="layout of --out for RewardBench data: erm's report (default) or "
-                        "RewardBench's results JSON")
+    p.add_argument("--format", choices=("erm", "rewardbench", "rmbench"), default="erm",
+                   help="layout of --out: erm's report (default), RewardBench's results JSON "
+                        "(RewardBench data) or RM-Bench's results file (RM-Bench data; the "
+                        "scores of the first method)")
+    p.add_argument("--sample", choices=tuple(SAMPLES), metavar="NAME",
+                   help="a built-in file instead of --data: pairs (the default), best-of-n "
+                        "(arithmetic questions with checked candidate solutions) or rmbench "
+                        "(a small RM-Bench-shaped file)")
+    p.add_argument("--reduction", choices=("sum", "mean"),
+                   help="one EndoRM column, with this reduction, in place of both")
     verbose_option(p)
     model_options(p, srm=True, repeat_model=True)
     p.set_defaults(func=cmd_eval)
