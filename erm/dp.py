@@ -120,9 +120,17 @@ def part_path(out, rank: int) -> Path:
 
 
 def parts(out) -> List[Path]:
-    """Every part file of `out` present, from any number of ranks."""
+    """Every part file of `out` present, from any number of ranks: the files named exactly
+    OUT.part-RANK (RANK a number) beside it; the name is never a pattern, so `r[12].jsonl` or
+    `*.jsonl` match only their own parts."""
     out = Path(out)
-    return sorted(out.parent.glob(out.name + ".part-*"))
+    folder, stem = out.parent, out.name + ".part-"
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(folder / f for f in names
+                  if f.startswith(stem) and f[len(stem):].isdigit() and f[len(stem):].isascii())
 
 
 class PartsMismatch(ValueError):
@@ -149,9 +157,19 @@ def _header(line: str):
     return rec.get("fingerprint") if isinstance(rec, dict) and "erm_part" in rec else None
 
 
-def _differences(theirs: dict, ours: dict) -> str:
-    keys = [k for k in dict.fromkeys(list(ours) + list(theirs)) if theirs.get(k) != ours.get(k)]
-    return "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in keys)
+def _differences(theirs: dict, ours: dict, prefix: str = "") -> str:
+    """What differs between two fingerprints, key by key; nested dicts (a model's weight
+    files) by their dotted path, e.g. "weights.files.model.safetensors.sha256"."""
+    out = []
+    for k in dict.fromkeys(list(ours) + list(theirs)):
+        a, b = theirs.get(k), ours.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.append(_differences(a, b, f"{prefix}{k}."))
+        else:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return "; ".join(out)
 
 
 def read_parts(out, n: int, fingerprint: Optional[dict] = None) -> Dict[int, float]:

@@ -2,7 +2,9 @@
 content (`weights_fingerprint`, `erm score --resume`), standard output and other non-regular
 outputs written through the open stream, part files matched exactly (no glob), and one readable
 `erm: error:` line for a full disk or a malformed input line."""
+import contextlib
 import os
+import sys
 
 import pytest
 
@@ -49,3 +51,140 @@ def test_weights_fingerprint_embedded_and_unknown():
     assert emb["kind"] == "embedded" and len(emb["files"]) == 1
     assert weights_fingerprint("/no/such/model-dir") == {"path": "/no/such/model-dir",
                                                           "files": None}
+
+
+# ---------------------------------------------------------------- erm score --resume: the weights
+
+def _score(argv, capsys, rm):
+    from erm import cli
+    rc = cli.main(["-q", "score"] + argv, rm=rm)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_resume_refuses_weights_replaced_at_the_same_path(tmp_path, capsys):
+    from tests.test_cli import Crashing, _crash, _jsonl, _recs
+    d = _folder(tmp_path, weights=b"\x00" * 64)
+    st = os.stat(d / "model.safetensors")
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs(20)), tmp_path / "out.jsonl"
+    argv = ["--data", str(src), "--out", str(dst), "--model", str(d)]
+    _crash(argv, capsys)  # OUT.part-0 holds the first 8 rows, written with the old weights
+    (d / "model.safetensors").write_bytes(b"\x07" * 64)  # same size, same mtime, other weights
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    rc, _, err = _score(argv + ["--resume"], capsys, Crashing(crash=False))
+    assert rc == 2 and "written by another run" in err, err
+    assert "weights.files.model.safetensors.sha256" in err and err.count("\n") == 1, err
+    assert not dst.exists()
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)  # the old weights back: resumed
+    rm = Crashing(crash=False)
+    rc, _, err = _score(argv + ["--resume"], capsys, rm)
+    assert rc == 0 and sum(rm.calls) == 12, (err, rm.calls)
+
+
+# ---------------------------------------------------------------- part files: names, not patterns
+
+@pytest.mark.parametrize("name", ["r[12].jsonl", "*.jsonl", "r?.jsonl"])
+def test_part_files_of_other_runs_are_left_alone(tmp_path, capsys, name):
+    from erm import dp
+    from tests.test_cli import StandIn, _jsonl, _recs
+    others = ["r1.jsonl.part-0", "r2.jsonl.part-0", "x.jsonl.part-1", f"{name}.part-x"]
+    for o in others:
+        (tmp_path / o).write_text('{"erm_part": 1, "fingerprint": {}}\n')
+    assert dp.parts(tmp_path / name) == []
+    (tmp_path / f"{name}.part-3").write_text("")
+    assert dp.parts(tmp_path / name) == [tmp_path / f"{name}.part-3"]
+    src = _jsonl(tmp_path / "in.json", _recs(3))
+    rc, _, err = _score(["--data", str(src), "--out", str(tmp_path / name)], capsys, StandIn())
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["in.json", name])
+
+
+# ---------------------------------------------------------------- outputs erm does not own
+
+@contextlib.contextmanager
+def stdout_to(log):
+    """fd 1 redirected to `log` opened for appending (`>> log`) in the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@pytest.mark.parametrize("out", ["/dev/stdout", "-", "/dev/fd/1", "link"])
+def test_score_to_stdout_appends_to_a_redirected_file(tmp_path, capsys, out, monkeypatch):
+    import json
+    from tests.test_cli import StandIn, _jsonl, _recs
+    monkeypatch.chdir(tmp_path)
+    if out == "link":  # a symlink to /dev/stdout is standard output too
+        os.symlink("/dev/stdout", tmp_path / "link")
+    src = _jsonl(tmp_path / "in.jsonl", _recs(3))
+    log = tmp_path / "results.log"
+    log.write_text("earlier run\n")
+    with stdout_to(log):
+        rc, _, err = _score(["--data", str(src), "--out", out], capsys, StandIn())
+    assert rc == 0, err
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier run"
+    assert [json.loads(x)["reward"] for x in lines[1:]] == [10.0] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.jsonl", "results.log"] + (["link"] if out == "link" else []))
+
+
+def test_stream_fd():
+    from erm.cli.options import stream_fd
+    assert [stream_fd(p) for p in ("-", "/dev/stdout", "/dev/stderr", "/dev/fd/3",
+                                   f"/proc/{os.getpid()}/fd/4", "/proc/self/fd/5")] == \
+        [1, 1, 2, 3, 4, 5]
+    assert [stream_fd(p) for p in ("out.jsonl", "/dev/null", "/proc/1/fd/1", "--")] == \
+        [None, None, None, None] or os.getpid() == 1
+
+
+def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import StandIn, _jsonl, _recs
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.chdir(tmp_path)
+    src = _jsonl(tmp_path / "in.jsonl", _recs(3))
+    rc, out, err = _score(["--data", str(src), "--out", "/dev/full"], capsys, StandIn())
+    assert (rc, out) == (2, "")
+    assert err == "erm: error: cannot write /dev/full: No space left on device\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["erm-score-full.jsonl.part-0",
+                                                          "in.jsonl"]  # kept for --resume
+
+
+def test_full_disk_while_writing_a_part_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from erm import dp
+    from tests.test_cli import StandIn, _jsonl, _recs
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs(3)), tmp_path / "out.jsonl"
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(dp.os, "fsync", full)
+    rc, _, err = _score(["--data", str(src), "--out", str(dst)], capsys, StandIn())
+    assert rc == 2 and err == (f"erm: error: cannot write {dst}.part-0: No space left on "
+                               "device\n"), err
+
+
+def test_non_finite_score_is_an_error_naming_the_row(tmp_path, capsys):
+    import torch
+    from tests.test_cli import StandIn, _jsonl, _recs
+
+    class NaNAt(StandIn):
+        def score(self, prompts, responses, **kw):
+            out = super().score(prompts, responses, **kw)
+            return torch.where(torch.tensor([r == "response 1" for r in responses]),
+                               torch.tensor(float("nan")), out)
+
+    src, dst = _jsonl(tmp_path / "in.jsonl", _recs(3)), tmp_path / "out.jsonl"
+    rc, _, err = _score(["--data", str(src), "--out", str(dst)], capsys, NaNAt())
+    assert rc == 2 and f"{src}: line 2: the model gave a non-finite reward (nan)" in err, err
+    assert not dst.exists()

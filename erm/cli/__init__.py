@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .options import EXIT_USAGE, CLIError
+from .options import DISK_ERRNOS, EXIT_USAGE, CLIError
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
@@ -75,6 +75,12 @@ def main(argv: Optional[List[str]] = None, *, rm=None) -> int:
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
             msg = f"{exc.filename}: {exc.strerror or msg}"
         print(f"erm: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk, a quota, a read-only file system: not a bug of erm
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"erm: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("erm: interrupted", file=sys.stderr)

@@ -71,19 +71,19 @@ def load_srm(args, model=None, alone: bool = True):
 
 
 def model_label(args, rm) -> str:
-    """The model's name for reports: --model, else the name its config records."""
+    """The model's name for reports: --model, else the name the config of its `causal_lm`
+    records (`rm` None: the embedded model's)."""
     if getattr(args, "model", None):
         return args.model
-    cfg = getattr(getattr(rm, "model", None), "config", None)
+    cfg = getattr(rm.causal_lm, "config", None) if rm is not None else None
     name = getattr(cfg, "_name_or_path", "") or ""
     return Path(name).name if name else "SmolLM2-135M-Instruct"
 
 
 def parameter_dtype(rm):
-    """The dtype name of the model's (or backbone's) first parameter, or None."""
-    for module in (getattr(rm, "model", None), getattr(rm, "backbone", None)):
-        try:
-            return str(next(module.parameters()).dtype).replace("torch.", "")
-        except (AttributeError, StopIteration, TypeError):
-            continue
-    return None
+    """The dtype name of the first parameter of the scorer's causal LM (`rm.causal_lm`: an
+    EndoRM's model, a SentenceRM's backbone), e.g. "float32"; None when it has none."""
+    try:
+        return str(next(rm.causal_lm.parameters()).dtype).replace("torch.", "")
+    except (AttributeError, StopIteration, TypeError):
+        return None

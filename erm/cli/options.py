@@ -3,11 +3,15 @@
 output-path checks and atomic writes, and the status/warning lines on stderr."""
 import argparse
 import contextlib
+import errno
 import importlib.util
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .._checks import check_alpha, check_gamma
 
@@ -190,6 +194,8 @@ def check_out(path: str, suffixes=None, flag="--out") -> Path:
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
         raise CLIError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
+    if stream_fd(path) is not None or (p.exists() and not p.is_dir() and not p.is_file()):
+        return p  # standard output, a FIFO, a device: written in place, nothing created beside
     if p.is_dir():
         raise CLIError(f"{flag} {path}: is a directory; give a file name")
     target = Path(os.path.realpath(p))  # a symlink is written through to its target
@@ -218,21 +224,88 @@ def check_not_input(data, out: Path, flag="--out") -> None:
                        "(write to another file)")
 
 
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/thread-self/fd|proc/(\d+)/fd)/(\d+)$")
+_STD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def stream_fd(path) -> Optional[int]:
+    """The file descriptor of this process that output path `path` names, or None: 1 for `-`
+    and /dev/stdout, 2 for /dev/stderr, N for /dev/fd/N or /proc/self/fd/N, also through a chain
+    of symlinks. Writing there must go through the descriptor already open (`atomic_output`):
+    opening the name again would truncate the file a shell redirected it to, and a rename would
+    replace that file."""
+    p = str(path)
+    if p == "-":
+        return 1
+    p = os.path.abspath(p)
+    for _ in range(40):  # the kernel's own limit on a chain of symlinks
+        if p in _STD_PATHS:
+            return _STD_PATHS[p]
+        m = _FD_PATH.match(p)
+        if m and (m.group(1) is None or int(m.group(1)) == os.getpid()):
+            return int(m.group(2))
+        try:
+            link = os.readlink(p)
+        except OSError:  # not a symlink (or one this process may not read)
+            return None
+        p = os.path.normpath(os.path.join(os.path.dirname(p), link))
+    return None
+
+
+def _copy_to_fd(src, fd: int) -> None:
+    """The bytes of file `src` appended to open descriptor `fd` at its current offset (after
+    Python's own buffered stdout / stderr)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb", closefd=True) as dst:
+        shutil.copyfileobj(f, dst, 1 << 20)
+
+
+#: errors of the disk rather than of erm: reported as one line naming the output
+DISK_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO")
+                        if hasattr(errno, n))
+
+
+def disk_error(path, exc: OSError) -> "CLIError":
+    """The CLIError for an OSError met while writing `path` (a full disk, a quota, a read-only
+    file system, ...): one line naming the file and what the system said."""
+    return CLIError(f"cannot write {path}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path beside `path` (same suffix) to write; on success it replaces
-    `path` in one rename, on failure it is removed and `path` is left as it was. Special files
-    (/dev/stdout, a FIFO) are written directly."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        yield path
-        return
-    target = Path(os.path.realpath(path))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                               suffix=f".tmp{target.suffix}")
-    os.close(fd)
+    `path` in one rename, on failure it is removed and `path` is left as it was. Only a regular
+    file (or a new one) is replaced: standard output (`-`, /dev/stdout, /dev/fd/N: see
+    `stream_fd`) gets the bytes through the descriptor already open, so `>> log` appends and
+    nothing is truncated; another special file (a FIFO, /dev/null) is written in place. A full
+    disk (`DISK_ERRNOS`) while writing is a CLIError naming `path`."""
+    fd = stream_fd(path)
     try:
-        yield Path(tmp)
+        if fd is not None:
+            tmp = _temp_beside(Path(tempfile.gettempdir()) / Path(str(path)).name)
+            try:
+                yield tmp
+                _copy_to_fd(tmp, fd)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        elif Path(path).exists() and not Path(path).is_file():
+            yield Path(path)
+        else:
+            yield from _replacing(Path(os.path.realpath(path)))
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise disk_error(path, exc) from None
+        raise
+
+
+def _replacing(target: Path):
+    """atomic_output for a regular file: a temporary file beside `target`, renamed over it."""
+    tmp = _temp_beside(target)
+    try:
+        yield tmp
         if target.exists():
             mode = target.stat().st_mode & 0o7777
         else:
@@ -245,6 +318,13 @@ def atomic_output(path):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _temp_beside(target: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                               suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    return Path(tmp)
 
 
 def read_text(path, flag: str) -> str:

@@ -1,12 +1,15 @@
 """`erm score`: the reward of every {prompt, response, ...} line of a JSONL file, added as a field;
 under torchrun the ranks score contiguous shards, and --resume continues a run that stopped."""
 import json
+import math
 import os
 import time
+from pathlib import Path
 
+from ..scoring import one_reward, truncate_option
 from .models import check_srm_options, load_rm, load_srm, parameter_dtype
-from .options import (CLIError, atomic_output, check_model_options, check_not_input, check_out,
-                      log, model_options, verbose_option)
+from .options import (DISK_ERRNOS, CLIError, atomic_output, check_model_options, check_not_input,
+                      check_out, disk_error, log, model_options, stream_fd, verbose_option)
 from .truncation import check_pairs, run_scoring, truncation_note
 
 
@@ -21,8 +24,7 @@ def _check_field(args) -> str:
 
 def _score_model(args, rm):
     """The model `erm score` scores with: `rm`, the SentenceRM saved in --model, or an EndoRM."""
-    from ..sentence_rm import SentenceRM
-    srm = load_srm(args) if rm is None else rm if isinstance(rm, SentenceRM) else None
+    srm = load_srm(args) if rm is None else rm if one_reward(rm) else None
     if srm is not None and rm is not None:
         check_srm_options(args, "the model")
     if srm is None:
@@ -30,33 +32,47 @@ def _score_model(args, rm):
         return load_rm(args, rm)
     if args.reduction is not None:
         raise CLIError(f"--reduction {args.reduction}: {args.model or 'the model'} is a "
-                       f"SentenceRM, whose response reward is its '{srm.aggregate}' aggregate; "
-                       "leave --reduction out")
+                       f"{srm.label}, which has one response reward; leave --reduction out")
     return srm
+
+
+def _weights(args, rm, loaded_from, given: bool) -> dict:
+    """The identity of the weights scored with (`erm.lm.weights_fingerprint`): --model's, the
+    embedded model's, or those the given model was loaded from; a SentenceRM's backbone too."""
+    from ..loading import weights_fingerprint
+    try:
+        if args.model or not given:
+            ident = {"weights": weights_fingerprint(args.model or None)}
+        else:
+            ident = {"weights": weights_fingerprint(loaded_from) if loaded_from else None}
+        if one_reward(rm) and loaded_from:
+            ident["backbone_weights"] = weights_fingerprint(loaded_from)
+    except OSError as exc:
+        raise CLIError(f"cannot read the model's weight files: {exc}") from None
+    return ident
 
 
 def _score_fingerprint(args, rm, field, given: bool) -> dict:
     """Everything that determines the values of an `erm score` run; a part file records it and
-    `--resume` reuses only parts written under the same one."""
+    `--resume` reuses only parts written under the same one (the weights by their content, see
+    `_weights`, so weights replaced at the same path are refused)."""
     from ..dp import file_digest
-    from ..sentence_rm import SentenceRM
+    cfg = getattr(rm.causal_lm, "config", None)
+    loaded_from = getattr(cfg, "_name_or_path", None) or None
     model = args.model
     if model and os.path.exists(os.path.expanduser(model)):
         model = os.path.realpath(os.path.expanduser(model))
     elif not model and given:  # a model built by the caller: what its config names
-        cfg = getattr(getattr(rm, "model", None), "config", None)
-        model = getattr(cfg, "_name_or_path", None) or type(rm).__name__
+        model = loaded_from or type(rm).__name__
     elif not model:
         model = "embedded"
-    srm = isinstance(rm, SentenceRM)
-    system = args.system_prompt if args.system_prompt is not None \
-        else getattr(rm, "system_prompt", None)
-    return {"model": model, "scorer": f"SentenceRM ({rm.aggregate})" if srm else "EndoRM",
-            "reduction": None if srm else args.reduction, "system_prompt": system,
+    system = args.system_prompt if args.system_prompt is not None else rm.system_prompt
+    return {"model": model, "scorer": rm.label,
+            "reduction": None if one_reward(rm) else args.reduction, "system_prompt": system,
             "alpha": getattr(rm, "alpha", None), "gamma": getattr(rm, "gamma", None),
-            "dtype": parameter_dtype(rm), "max_length": getattr(rm, "max_length", None),
+            "dtype": parameter_dtype(rm), "max_length": rm.max_length,
             "truncate": not args.no_truncate, "field": field,
-            "data_sha256": file_digest(args.data)}
+            "data_sha256": file_digest(args.data), **_weights(args, rm, loaded_from, given)}
 
 
 def _resumed_rows(args, out, n: int, fingerprint: dict, dp) -> dict:
@@ -80,7 +96,7 @@ def _resumed_rows(args, out, n: int, fingerprint: dict, dp) -> dict:
 
 def _inputs(args):
     """The checked options and input before any model loads: (field, out, records, wheres)."""
-    from ..evaluate import load_records
+    from ..data import load_records
     check_model_options(args)
     field = _check_field(args)
     out = check_out(args.out)
@@ -116,11 +132,12 @@ def cmd_score(args, rm=None) -> int:
     given = rm is not None
     rm = _score_model(args, rm)
     fingerprint = _score_fingerprint(args, rm, field, given)
-    done = _resumed_rows(args, out, len(records), fingerprint, dp)
+    parts_at = _parts_base(out)
+    done = _resumed_rows(args, parts_at, len(records), fingerprint, dp)
     mine = [i for i in dp.shard(len(records), rank, size) if i not in done]
     _check_mine(rm, args, dp, mine, wheres, prompts, responses)
     t0 = time.perf_counter()
-    kwargs = {"progress": False, "truncate": not args.no_truncate}
+    kwargs = {"progress": False, **truncate_option(rm, not args.no_truncate)}
     if args.reduction is not None:
         kwargs["reduction"] = args.reduction
     if args.system_prompt is not None:
@@ -132,22 +149,51 @@ def cmd_score(args, rm=None) -> int:
                                                    [responses[i] for i in idx], **kwargs),
                                   [wheres[i] for i in idx], str(args.data))
         truncated.extend(idx[j] for j in cut)
-        return values.tolist()
+        return _finite(values.tolist(), [wheres[i] for i in idx])
 
-    chunk = 8 * (getattr(rm, "batch_size", None) or 8)
-    new = dp.score_rows(mine, score, out, rank, total=len(records), done=len(done), chunk=chunk,
-                        progress=not args.quiet, fingerprint=fingerprint)
+    chunk = 8 * rm.batch_size
+    try:
+        new = dp.score_rows(mine, score, parts_at, rank, total=len(records), done=len(done),
+                            chunk=chunk, progress=not args.quiet, fingerprint=fingerprint)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise disk_error(dp.part_path(parts_at, rank), exc) from None
     note = truncation_note(args, wheres, sorted(truncated))
-    _write_scored(out, field, records, wheres, dp, done, dp.gather_rows(new), rank)
+    _write_scored((out, parts_at), field, records, wheres, dp, done, dp.gather_rows(new), rank)
     if rank == 0:
         log(args, f"scored {len(records)} responses ({len(done)} resumed, {size} rank(s)) in "
                   f"{time.perf_counter() - t0:.1f}s -> {out}{note}")
     return 0
 
 
-def _write_scored(out, field, records, wheres, dp, done, values, rank) -> None:
-    """Rank 0 writes the rows in input order into `out` (one rename); then every rank removes
-    the part files it sees. A failure on rank 0 stops every rank and keeps the parts."""
+def _parts_base(out: Path) -> Path:
+    """Where the part files of `out` go: OUT.part-R beside it; for standard output (`-`,
+    /dev/stdout, /dev/fd/N) or a device (/dev/null) erm-score-stdout.jsonl.part-R
+    (erm-score-fdN.jsonl.part-R, erm-score-null.jsonl.part-R) in the current directory."""
+    fd = stream_fd(out)
+    if fd is not None:
+        return Path("erm-score-stdout.jsonl" if fd == 1 else f"erm-score-fd{fd}.jsonl")
+    if out.is_char_device() or out.is_block_device():
+        return Path(f"erm-score-{out.name}.jsonl")
+    return out
+
+
+def _finite(values, wheres) -> list:
+    """`values` when every one is finite; else a CLIError naming the first row that is not."""
+    for v, where in zip(values, wheres):
+        if not math.isfinite(v):
+            raise CLIError(f"{where}: the model gave a non-finite reward ({v}); nothing is "
+                           "written (check the model's weights and --dtype)")
+    return values
+
+
+def _write_scored(outs, field, records, wheres, dp, done, values, rank) -> None:
+    """Rank 0 writes the rows in input order into `out` (one rename; standard output through
+    its open descriptor); then every rank removes the part files it sees (`outs`: the output
+    and the base of its part files). A failure on rank 0 stops every rank and keeps the
+    parts."""
+    out, parts_at = outs
     error = None
     try:
         if rank == 0:
@@ -158,7 +204,8 @@ def _write_scored(out, field, records, wheres, dp, done, values, rank) -> None:
                                f"{wheres[missing[0]]}); run again with --resume")
             with atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for i, rec in enumerate(records):
-                    f.write(json.dumps({**rec, field: values[i]}, ensure_ascii=False) + "\n")
+                    f.write(json.dumps({**rec, field: values[i]}, ensure_ascii=False,
+                                       allow_nan=False) + "\n")
     except Exception as exc:
         error = str(exc) or type(exc).__name__
         dp.agree(error)
@@ -166,7 +213,7 @@ def _write_scored(out, field, records, wheres, dp, done, values, rank) -> None:
     error = dp.agree(error)
     if error:
         raise CLIError(f"rank 0 could not write {out}: {error}")
-    dp.remove_parts(out)
+    dp.remove_parts(parts_at)
 
 
 def add_parser(sub) -> None:
@@ -177,7 +224,8 @@ def add_parser(sub) -> None:
                                    "of {prompt, response, ...} objects (other keys are kept).")
     p.add_argument("--data", required=True, metavar="IN.jsonl")
     p.add_argument("--out", required=True, metavar="OUT.jsonl",
-                   help="output file (not the input; written in one rename when complete)")
+                   help="output file (not the input; written in one rename when complete; - or "
+                        "/dev/stdout: written to standard output, never truncating it)")
     p.add_argument("--field", default="reward", metavar="NAME",
                    help="key the reward is written to (default: reward); an input line that "
                         "already has it is an error unless --overwrite-field")

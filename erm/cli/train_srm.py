@@ -53,16 +53,15 @@ def _backbone(args, rm):
     --model (a name or directory; None: the embedded default) and no tokenizer."""
     import copy
 
-    from ..sentence_rm import SentenceRM
     if rm is None:
         return args.model, None
-    model = rm.backbone if isinstance(rm, SentenceRM) else rm.model
+    model = rm.causal_lm
     return (model if args.freeze_backbone else copy.deepcopy(model)), rm.tokenizer
 
 
 def cmd_train_srm(args, rm=None) -> int:
     """`erm train-srm`: train, print accuracy per epoch and a JSON summary, save to --out.
-    `rm` (an `erm.EndoRM` or anything with `.model` and `.tokenizer`) gives the backbone
+    `rm` (an `erm.scoring.Scorer`: its `causal_lm` and `tokenizer`) gives the backbone
     instead of --model (a copy of it is trained unless --freeze-backbone)."""
     from ..data import load_pairs
     from ..train_srm import train_sentence_rm

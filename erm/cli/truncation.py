@@ -5,6 +5,7 @@ import warnings
 from typing import List
 
 from ..lm import TruncationWarning
+from ..scoring import truncate_option
 from .options import CLIError, warn
 
 NO_FIT = ("the prompt does not fit in max_length with its response (--no-truncate); raise "
@@ -19,18 +20,16 @@ def _show(caught) -> None:
 
 
 def check_pairs(rm, items, *, system_prompt=None, no_truncate=False) -> None:
-    """Before scoring: `rm.check_pair` (when the model has it) on every (where, prompt, response)
-    item, its error prefixed with the item's file and line; with `no_truncate`, a pair whose
-    prompt would be cut (a truncation warning) is an error too."""
-    check = getattr(rm, "check_pair", None)
-    if not callable(check):
-        return
+    """Before scoring: `rm.check_pair` (an `erm.scoring.Scorer`) on every (where, prompt,
+    response) item, its error prefixed with the item's file and line; with `no_truncate`, a pair
+    whose prompt would be cut (a truncation warning) is an error too."""
+    options = truncate_option(rm, True)
     with warnings.catch_warnings(record=True) as caught:  # scoring reports truncation once
         warnings.simplefilter("always")
         for where, prompt, response in items:
             n = len(caught)
             try:
-                check(prompt, response, system_prompt=system_prompt)
+                rm.check_pair(prompt, response, system_prompt=system_prompt, **options)
             except (ValueError, TypeError) as exc:
                 raise CLIError(f"{where}: {exc}") from None
             if no_truncate and any(isinstance(w.message, TruncationWarning)
