@@ -319,16 +319,19 @@ class EndoRM:
     def best_of_n(self, prompt: Prompt, candidates: Sequence[str], *, reduction: str = "sum",
                   system_prompt: Optional[str] = None,
                   progress: Optional[bool] = None) -> List[Tuple[int, float]]:
-        """Rank candidate responses to one prompt.
+        """Rank candidate responses to one prompt (`erm.best_of_n` measures how often the
+        first is correct on answers that can be checked; `erm.best_of_n.select` ranks with
+        an EndoRM or a SentenceRM alike).
 
         Returns:
-            [(index into candidates, score as float)], best first (ties keep input order).
+            [(index into candidates, score as float)], best first (ties keep input order, a
+            NaN score ranks last).
         """
         if isinstance(candidates, str) or not len(candidates):
             raise ValueError("candidates must be a non-empty list of strings")
         s = self.score(prompt, list(candidates), reduction=reduction,
                        system_prompt=system_prompt, progress=progress).tolist()
-        return sorted(enumerate(s), key=lambda t: -t[1])
+        return sorted(enumerate(s), key=lambda t: -t[1] if t[1] == t[1] else float("inf"))
 
     # ------------------------------------------------------------------ encoding
     def encode(self, prompt: Prompt, response: str, *, system_prompt: Optional[str] = None,
