@@ -35,12 +35,13 @@ ids counting attended tokens only) and give the scores of one pair at a time.
     rm.sentence_rewards("Explain.", "First. Second.")             # [SentenceScore, ...]
     rm.save_pretrained("srm"); SentenceRM.from_pretrained("srm")
 
-Training: `erm.train_srm` (`erm.train_sentence_rm`, the `erm train-srm` command).
+Training: `erm.train_srm` (`erm.train_sentence_rm`, the `erm train-srm` command). The saved
+files, how they are checked on loading and the backbone's weights fingerprint:
+`erm.sentence_rm_io`.
 """
 import bisect
 import contextlib
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -50,23 +51,19 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import lm
+from . import lm, sentence_rm_io
 from ._checks import check_int
 from .lm import Prompt
+from .loading import weights_fingerprint
 from .scoring import in_batches
+from .sentence_rm_io import (AGGREGATES, BACKBONE_DIR, CONFIG_NAME, FORMAT, HEAD_NAME,
+                             VERSION, is_sentence_rm_dir, read_config, read_head, write_dir)
 from .sentences import split_sentences
 
 __all__ = ["SentenceRM", "SentenceScore", "SentenceHead", "sentence_markers",
            "is_sentence_rm_dir", "load_for_eval", "eval_mode", "AGGREGATES", "CONFIG_NAME",
-           "HEAD_NAME"]
+           "HEAD_NAME", "read_config"]
 
-AGGREGATES = ("attention", "sum", "last")
-#: Files of a saved SentenceRM directory.
-CONFIG_NAME = "sentence_rm.json"
-HEAD_NAME = "head.safetensors"
-BACKBONE_DIR = "backbone"
-_FORMAT = "erm-sentence-rm"
-_VERSION = 1
 _UNNAMED = object()  # a backbone given as an object: its weights are saved with the head
 
 
@@ -253,9 +250,11 @@ class SentenceRM(nn.Module):
             float32 on the backbone's device.
 
     Attributes: `backbone`, `tokenizer`, `head` (`SentenceHead`), `aggregate`, `end_ids`,
-    `backbone_name`, `backbone_tuned` (True once the backbone was trained: then its weights are
-    saved), `system_prompt`, `batch_size`, `max_length`; and those of the `erm.scoring.Scorer`
-    protocol it implements (`kind` "sentence_rm", `label`, no `reductions`, `cuts_prompts`).
+    `backbone_name`, `backbone_fingerprint` (`erm.loading.weights_fingerprint` of the named
+    backbone when it was loaded, None before a save computes it), `backbone_tuned` (True once
+    the backbone was trained: then its weights are saved), `system_prompt`, `batch_size`,
+    `max_length`; and those of the `erm.scoring.Scorer` protocol it implements (`kind`
+    "sentence_rm", `label`, no `reductions`, `cuts_prompts`).
     """
 
     kind = "sentence_rm"
@@ -290,6 +289,7 @@ class SentenceRM(nn.Module):
         self.max_length = lm.cap_length(backbone, max_length)
         self.end_ids = lm.end_token_ids(backbone, tokenizer)
         self.backbone_name = backbone_name
+        self.backbone_fingerprint: Optional[dict] = None
         self.backbone_tuned = False
         self.eval()
 
@@ -319,8 +319,11 @@ class SentenceRM(nn.Module):
         """A SentenceRM with a fresh (untrained) head on a causal LM loaded from local files
         (`erm.lm.load`: None is the embedded default model). Other arguments as in the class."""
         dev, dt = lm.device_and_dtype(device, dtype)
+        found = weights_fingerprint(name_or_path)
         model, tok = lm.load(name_or_path, dt)
-        return cls(model, tok, backbone_name=_backbone_name(name_or_path), device=dev, **kwargs)
+        rm = cls(model, tok, backbone_name=_backbone_name(name_or_path), device=dev, **kwargs)
+        rm.backbone_fingerprint = found if found.get("files") is not None else None
+        return rm
 
     # ------------------------------------------------------------------ encoding
     def encode(self, prompt: Prompt, response: str, *,
@@ -428,56 +431,62 @@ class SentenceRM(nn.Module):
     # ------------------------------------------------------------------ saving
     def config(self) -> dict:
         """The JSON config `save_pretrained` writes (without the backbone entry)."""
-        return {"format": _FORMAT, "version": _VERSION, "aggregate": self.aggregate,
+        return {"format": FORMAT, "version": VERSION, "aggregate": self.aggregate,
                 "attn_dim": self.head.attn_dim, "rope": self.head.rope,
                 "rope_base": self.head.rope_base, "hidden_size": self.head.value.in_features,
                 "system_prompt": self.system_prompt, "batch_size": self.batch_size,
                 "max_length": self.max_length}
 
     def save_pretrained(self, path) -> Path:
-        """Write `sentence_rm.json` and `head.safetensors` (value head + aggregator) to `path`;
-        the backbone too (`backbone/`, a causal LM directory with its tokenizer) when it was
-        trained or has no name, else the config names it (a local path, a cached model id, or
-        null for the embedded default). Returns the directory."""
-        from safetensors.torch import save_file
-
+        """Write `sentence_rm.json` and `head.safetensors` (value head + aggregator) to `path`
+        (`erm.sentence_rm_io.write_dir`); the backbone too (`backbone/`, a causal LM directory
+        with its tokenizer) when it was trained or has no name, else the config names it (a
+        local path, a cached model id, or null for the embedded default) with the
+        `erm.loading.weights_fingerprint` of its weights, which `from_pretrained` compares.
+        Returns the directory."""
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
         cfg = self.config()
-        save_backbone = self.backbone_tuned or self.backbone_name is _UNNAMED
+        named = self.backbone_name is not _UNNAMED
+        save_backbone = self.backbone_tuned or not named
         if save_backbone:
             self.backbone.save_pretrained(out / BACKBONE_DIR)
             self.tokenizer.save_pretrained(out / BACKBONE_DIR)
-        cfg["backbone"] = BACKBONE_DIR if save_backbone else self.backbone_name
-        cfg["backbone_saved"] = save_backbone
-        cfg["base_model"] = None if self.backbone_name is _UNNAMED else self.backbone_name
-        cfg["base_model_named"] = self.backbone_name is not _UNNAMED
-        cfg["backbone_tuned"] = bool(self.backbone_tuned)
-        state = {k: v.detach().float().cpu().contiguous()
-                 for k, v in self.head.state_dict().items()}
-        save_file(state, str(out / HEAD_NAME), metadata={"format": _FORMAT})
-        tmp = out / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out / CONFIG_NAME)
-        return out
+        if named and self.backbone_fingerprint is None:
+            found = weights_fingerprint(self.backbone_name)
+            self.backbone_fingerprint = found if found.get("files") is not None else None
+        cfg.update(backbone=BACKBONE_DIR if save_backbone else self.backbone_name,
+                   backbone_saved=save_backbone, base_model=self.backbone_name if named else None,
+                   base_model_named=named, backbone_tuned=bool(self.backbone_tuned),
+                   base_model_fingerprint=self.backbone_fingerprint if named else None)
+        return write_dir(out, cfg, self.head.state_dict())
 
     @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None, **overrides) -> "SentenceRM":
+    def from_pretrained(cls, path, *, device=None, dtype=None, check_backbone: bool = True,
+                        **overrides) -> "SentenceRM":
         """Load a directory written by `save_pretrained` (its backbone from `backbone/` or from
-        where the config names it). `overrides`: system_prompt, batch_size, max_length.
+        where the config names it); JSON and safetensors only, never pickle.
 
+        Args:
+            path: the directory.
+            device, dtype: where and in what dtype to put the backbone.
+            check_backbone: True (default): refuse a named backbone whose weights differ from
+                those the head was saved with (`erm.loading.weights_fingerprint`: weights
+                replaced at the same path); False: load anyway, with a warning naming what
+                differs.
+            overrides: system_prompt, batch_size, max_length.
         Raises:
-            FileNotFoundError: no such directory / no sentence_rm.json in it.
-            ValueError: a config of another format or a head that does not match it.
+            FileNotFoundError: no such directory / no sentence_rm.json or head.safetensors.
+            ValueError (naming the file): a config that is not valid JSON, of another format,
+                of a version this erm does not know, or with a bad field; a head that is not a
+                readable safetensors file, holds NaN / inf or does not match the config or the
+                backbone; a named backbone whose weights changed (unless check_backbone=False).
         """
-        from safetensors.torch import load_file
-
         cfg = read_config(path)
-        name = cfg["backbone"]
-        if cfg.get("backbone_saved"):
-            name = str(Path(path) / BACKBONE_DIR)
+        found = sentence_rm_io.check_backbone(path, cfg, check_backbone)
+        state = read_head(path, cfg)
+        name = str(Path(path) / BACKBONE_DIR) if cfg.get("backbone_saved") else cfg["backbone"]
         dev, dt = lm.device_and_dtype(device, dtype)
         model, tok = lm.load(name, dt)
         kw = {k: cfg[k] for k in ("system_prompt", "batch_size", "max_length") if k in cfg}
@@ -487,10 +496,13 @@ class SentenceRM(nn.Module):
                  backbone_name=cfg["base_model"] if cfg.get("base_model_named") else _UNNAMED,
                  **kw)
         rm.backbone_tuned = bool(cfg.get("backbone_tuned"))
+        rm.backbone_fingerprint = found if found is not None else \
+            cfg.get("base_model_fingerprint")
         try:
-            rm.head.load_state_dict(load_file(str(Path(path) / HEAD_NAME)))
-        except (RuntimeError, FileNotFoundError) as exc:
-            raise ValueError(f"{path}: the head weights do not match the config: {exc}") from None
+            rm.head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{Path(path) / HEAD_NAME}: the head weights do not match the "
+                             f"config and the backbone: {exc}") from None
         return rm
 
 
@@ -515,34 +527,6 @@ def _backbone_name(name_or_path: Optional[str]) -> Optional[str]:
         return None
     path = os.path.expanduser(str(name_or_path))
     return os.path.abspath(path) if os.path.exists(path) else str(name_or_path)
-
-
-def read_config(path) -> dict:
-    """The config of a saved SentenceRM directory (FileNotFoundError / ValueError if it is
-    not one)."""
-    p = Path(path) / CONFIG_NAME
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such directory")
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: not a saved SentenceRM (no {CONFIG_NAME})")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
-        raise ValueError(f"{p}: not a SentenceRM config (format {_FORMAT!r} expected)")
-    if cfg.get("aggregate") not in AGGREGATES:
-        raise ValueError(f"{p}: unknown aggregate {cfg.get('aggregate')!r}")
-    return cfg
-
-
-def is_sentence_rm_dir(path) -> bool:
-    """Whether `path` is a directory written by `SentenceRM.save_pretrained`."""
-    try:
-        read_config(path)
-        return True
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def load_for_eval(path, *, device=None, dtype=None, srm_overrides: Optional[dict] = None,
