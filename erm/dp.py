@@ -215,12 +215,13 @@ def score_rows(todo: Sequence[int], score: Callable[[List[int]], Sequence[float]
     path = part_path(out, rank)
     with open(path, "a", encoding="utf-8") as f, bar:
         if f.tell() == 0:
-            f.write(json.dumps({"erm_part": 1, "fingerprint": fingerprint}) + "\n")
+            f.write(json.dumps({"erm_part": 1, "fingerprint": fingerprint}, allow_nan=False)
+                    + "\n")
             f.flush()
         for k in range(0, len(todo), chunk):
             idx = list(todo[k:k + chunk])
             values = [float(v) for v in score(idx)]
-            f.write("".join(json.dumps({"index": i, "value": v}) + "\n"
+            f.write("".join(json.dumps({"index": i, "value": v}, allow_nan=False) + "\n"
                             for i, v in zip(idx, values)))
             f.flush()
             os.fsync(f.fileno())

@@ -188,3 +188,65 @@ def test_non_finite_score_is_an_error_naming_the_row(tmp_path, capsys):
     rc, _, err = _score(["--data", str(src), "--out", str(dst)], capsys, NaNAt())
     assert rc == 2 and f"{src}: line 2: the model gave a non-finite reward (nan)" in err, err
     assert not dst.exists()
+
+
+# ---------------------------------------------------------------- input lines erm refuses
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+@pytest.mark.parametrize("score_line,pair_line,why", [
+    ('{"prompt": "p", "response": "r", "x": %s}' % DEEP,
+     '{"prompt": "p", "chosen": "a", "rejected": "b", "x": %s}' % DEEP, "nested too deeply"),
+    ('{"prompt": "hi\\ud800 there", "response": "r"}',
+     '{"prompt": "hi\\ud800 there", "chosen": "a", "rejected": "b"}', "lone surrogate"),
+    ('{"prompt": "p", "response": "r", "response": "s"}',
+     '{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}', "duplicate key"),
+    ('{"prompt": "p", "response": "r", "id": NaN}',
+     '{"prompt": "p", "chosen": "a", "rejected": "b", "id": Infinity}', "is not JSON"),
+], ids=["deep", "surrogate", "duplicate", "nan"])
+def test_bad_input_line_is_one_error_before_the_model(tmp_path, capsys, score_line, pair_line,
+                                                      why):
+    from erm import cli
+    from tests.test_cli import NO_MODEL, _jsonl, _recs
+    src = _jsonl(tmp_path / "in.jsonl", _recs(2))
+    src.write_text(src.read_text() + score_line + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(pair_line + "\n")
+    dst = tmp_path / "out.jsonl"
+    for cmd, where in ((["score", "--data", str(src), "--out", str(dst)], f"{src}: line 3: "),
+                       (["eval", "--data", str(pairs)], f"{pairs}: line 1: ")):
+        rc = cli.main(["-q"] + cmd + NO_MODEL)
+        out, err = capsys.readouterr()
+        assert rc == 2 and err.startswith(f"erm: error: {where}") and why in err, err
+        assert err.count("\n") == 1 and "model" not in err, err
+    assert not dst.exists()
+
+
+def test_json_text_refuses_non_finite_numbers(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from erm.cli.options import CLIError, json_text
+    from tests.test_cli import StandIn, _jsonl
+    assert json_text({"a": [1.5, None]}, "x") == '{"a": [1.5, null]}'
+    with pytest.raises(CLIError, match=r"^the report: methods\.m\.accuracy is nan, which JSON"):
+        json_text({"n": 1, "methods": {"m": {"accuracy": float("nan")}}}, "the report")
+    with pytest.raises(CLIError, match=r"^the summary: losses\.1 is -inf"):
+        json_text({"losses": [0.5, float("-inf")]}, "the summary")
+
+    class NaNs(StandIn):  # erm eval: a non-finite score is null in the report (erm.evaluate)
+        def response_rewards(self, prompts, responses, **kw):
+            sums, n = super().response_rewards(prompts, responses, **kw)
+            return torch.full_like(sums, float("nan")), n
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "bb"}])
+    report = tmp_path / "report.json"
+    from erm import cli
+    rc = cli.main(["-q", "eval", "--data", str(pairs), "--out", str(report), "--methods",
+                   "endorm_sum"], rm=NaNs())
+    assert rc == 0, capsys.readouterr().err
+    text = report.read_text()
+    assert "NaN" not in text and json.loads(text)["pairs"][0]["scores"]["endorm_sum"] == \
+        [None, None]

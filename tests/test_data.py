@@ -146,3 +146,33 @@ def test_pairs_know_their_line(tmp_path):
     pairs = load_pairs(p)
     assert [x.where for x in pairs] == [f"{p}: line 2", f"{p}: line 3"]
     assert pairs[0] == Pair("p0", "c0", "x0")  # `where` is not compared
+
+
+BAD_LINES = [  # (line, what the error says)
+    ('{"prompt": "p", "response": "r", "prompt": "q"}', "duplicate key 'prompt'"),
+    ('{"prompt": "p", "response": "r", "meta": {"a": 1, "a": 2}}', "duplicate key 'a'"),
+    ('{"prompt": "p", "response": "r", "score": NaN}', "NaN is not JSON"),
+    ('{"prompt": "p", "response": "r", "score": -Infinity}', "-Infinity is not JSON"),
+    ('{"prompt": "hi\\ud800 there", "response": "r"}', 'lone surrogate in the string "hi\\ud800'),
+    ('{"prompt": "p", "response": "r", "\\udfff": 1}', "lone surrogate"),
+    ('{"prompt": "p", "response": "r", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("line,why", BAD_LINES, ids=["dup", "dup-nested", "nan", "inf",
+                                                      "surrogate", "surrogate-key", "deep"])
+def test_strict_json_lines_name_file_and_line(tmp_path, line, why):
+    ok = '{"prompt": "fine \\ud83d\\ude00", "response": "r", "s": 1.5}'  # a surrogate pair is fine
+    path = tmp_path / "in.jsonl"
+    path.write_text(ok + "\n\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        load_records(path)
+    assert str(exc.value).startswith(f"{path}: line 3: ") and why in str(exc.value), exc.value
+    str(exc.value).encode("utf-8")  # printable: no lone surrogate in the message itself
+    pair = line.replace('"response": "r"', '"chosen": "a", "rejected": "b"')
+    path.write_text(pair + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: line 1: "):
+        load_pairs(path)
+    path.write_text(ok + "\n", encoding="utf-8")
+    assert load_records(path) == [{"prompt": "fine \U0001f600", "response": "r", "s": 1.5}]

@@ -1,7 +1,6 @@
 """`erm eval`: preference accuracy of EndoRM, the Yes/No judge, a length baseline and saved
 SentenceRMs on chosen/rejected pairs, or RewardBench's own scores on RewardBench v1/v2 files;
 under torchrun the pairs are split over the ranks and rank 0 reports all of them."""
-import json
 import os
 import time
 from pathlib import Path
@@ -10,7 +9,8 @@ from ..evaluate import DEFAULT_METHODS, METHODS
 from .models import check_srm_options, load_rm, load_srm, model_label
 from .eval_bench import SAMPLES, bench_methods, load_bench, run_bench, with_reduction
 from .options import (CLIError, atomic_output, check_model_options, check_not_input, check_out,
-                      log, model_options, model_overrides, srm_overrides, verbose_option)
+                      json_text, log, model_options, model_overrides, srm_overrides,
+                      verbose_option)
 from .truncation import check_pairs, run_scoring, truncation_note
 
 
@@ -176,7 +176,7 @@ def _eval_rewardbench(args, rm, data, methods, srm_dirs) -> int:
                 rewardbench.write_rewardbench_json(rep, tmp, model=label)
             else:
                 with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(rep, f, indent=1, ensure_ascii=False)
+                    f.write(json_text(rep, "the report", indent=1, ensure_ascii=False))
         log(args, f"wrote {args.out}")
     return 0
 
@@ -267,8 +267,9 @@ def cmd_eval(args, rm=None) -> int:
     print(f"accuracy: how often chosen scores above rejected (a tie counts half); "
           f"total {wall:.1f}s{note}")
     if args.out:
+        text = json_text(report, "the report", indent=1, ensure_ascii=False)
         with atomic_output(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
+            f.write(text)
         log(args, f"wrote {args.out}")
     if args.plot:
         with atomic_output(args.plot) as tmp:

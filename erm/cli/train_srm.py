@@ -1,10 +1,9 @@
 """`erm train-srm`: train a sentence-level reward model (`erm.train_sentence_rm`) on preference
 pairs, print the held-out accuracy after each epoch and save it to --out."""
-import json
 import time
 from pathlib import Path
 
-from .options import CLIError, check_model_options, model_options
+from .options import CLIError, check_model_options, json_text, model_options
 
 _DESCRIPTION = ("Train a sentence-level reward model (erm.SentenceRM: value head on sentence "
                 "markers, attention/sum/last aggregation) with the Bradley-Terry loss on "
@@ -90,10 +89,10 @@ def cmd_train_srm(args, rm=None) -> int:
         device=args.device, on_epoch=report, attn_dim=args.attn_dim,
         max_length=args.max_length, system_prompt=args.system_prompt)
     last = epochs[-1] if epochs else {}
-    print(json.dumps({"out": str(out), "pairs": len(train), "steps": len(history),
-                      "train_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
-                      "aggregate": args.aggregate, "freeze_backbone": args.freeze_backbone,
-                      "seconds": round(time.perf_counter() - t0, 2)}))
+    print(json_text({"out": str(out), "pairs": len(train), "steps": len(history),
+                     "train_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
+                     "aggregate": args.aggregate, "freeze_backbone": args.freeze_backbone,
+                     "seconds": round(time.perf_counter() - t0, 2)}, "the training summary"))
     return 0
 
 

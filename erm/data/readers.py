@@ -272,23 +272,88 @@ def load_pairs(path_or_list) -> List[Pair]:
     return pairs
 
 
+class _BadJSON(ValueError):
+    """A JSON line that parses but is not one erm accepts (the message says why)."""
+
+
+def _unique_keys(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _BadJSON(f"duplicate key {k!r} in an object (which value is meant?)")
+        obj[k] = v
+    return obj
+
+
+def _no_constant(name):
+    raise _BadJSON(f"{name} is not JSON (write a number or null)")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value) -> Optional[str]:
+    """The first string (key or value) in a parsed JSON value that holds a lone UTF-16
+    surrogate (an unpaired \\ud800-\\udfff escape), or None; iterative, any depth."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return v
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+def parse_json_line(line: str):
+    """One JSON value from a line of input, stricter than `json.loads`: an object with a key
+    given twice, the non-JSON constants NaN / Infinity / -Infinity, and a string with a lone
+    UTF-16 surrogate escape ("\\ud800", not Unicode text) are refused.
+
+    Raises:
+        ValueError: what is wrong (json.JSONDecodeError for bad syntax; a RecursionError for
+            nesting too deep for the parser is raised as a ValueError too).
+    """
+    try:
+        value = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+    if _SURROGATE_ESCAPE.search(line):
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            shown = "".join(f"\\u{ord(c):04x}" if _SURROGATE.match(c) else c for c in bad[:40])
+            raise ValueError(f'a lone surrogate in the string "{shown}"{"..." * (len(bad) > 40)}'
+                             ": not valid Unicode text (a \\ud800-\\udfff escape without its "
+                             "pair)")
+    return value
+
+
 def json_lines(path):
     """Yield (1-based line number, parsed JSON value) for every non-blank line of a JSONL file
-    (plain or gzip, as `read_lines` reads it), in order, so the first bad line, whatever is
-    wrong with it, is the one reported.
+    (plain or gzip, as `read_lines` reads it; each line as `parse_json_line` reads it), in
+    order, so the first bad line, whatever is wrong with it, is the one reported.
 
     Raises:
         FileNotFoundError: no such file.
-        DataError: invalid JSON on a line (naming the file and line), or what `read_lines` raises.
+        DataError: invalid JSON on a line, a key given twice, NaN or Infinity, a lone surrogate
+            or nesting too deep (naming the file and line), or what `read_lines` raises.
     """
     source = str(path)
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = parse_json_line(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{source}: line {lineno}: invalid JSON ({exc.msg})") from None
+        except ValueError as exc:
+            raise DataError(f"{source}: line {lineno}: {exc}") from None
+        yield lineno, value
 
 
 def check_record(rec, field: Optional[str] = None) -> None:
