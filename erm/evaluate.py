@@ -22,9 +22,9 @@ import math
 import time
 from typing import Dict, Sequence
 
-# the readers live in erm.data; erm.evaluate names the ones its callers use with it
-from .data import (DEFAULT_SUBSET, DataError, Pair, default_data_path,  # noqa: F401
-                   load_pairs, load_records)
+# the readers live in erm.data; erm.evaluate still names Pair, load_pairs and default_data_path
+# for erm.train_srm and dev/srm_demo.py
+from .data import Pair, default_data_path, load_pairs  # noqa: F401
 from .scoring import Scorer, truncate_option
 
 #: Method name -> human-readable label (the column headers of `format_table`).
