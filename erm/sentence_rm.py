@@ -530,19 +530,23 @@ def _backbone_name(name_or_path: Optional[str]) -> Optional[str]:
 
 
 def load_for_eval(path, *, device=None, dtype=None, srm_overrides: Optional[dict] = None,
-                  **endorm_kwargs):
+                  check_backbone: bool = True, **endorm_kwargs):
     """(EndoRM, SentenceRM) to compare in one `erm.evaluate.evaluate` table: the SentenceRM
     saved in `path` and the training-free EndoRM of its base model — sharing the backbone when
     it was not trained (one model in memory), else loaded from where the config names the base
     model. `endorm_kwargs` go to EndoRM (system_prompt, batch_size, max_length, ...),
     `srm_overrides` to `SentenceRM.from_pretrained` (system_prompt, batch_size, max_length).
-    The EndoRM is None when the base model cannot be named (a backbone given as an object)."""
+    The EndoRM is None when the base model cannot be named (a backbone given as an object).
+    `check_backbone` as in `SentenceRM.from_pretrained`, for the base model too: a ValueError
+    when its weights changed since the SentenceRM was saved."""
     from .model import EndoRM
 
-    srm = SentenceRM.from_pretrained(path, device=device, dtype=dtype, **(srm_overrides or {}))
+    srm = SentenceRM.from_pretrained(path, device=device, dtype=dtype,
+                                     check_backbone=check_backbone, **(srm_overrides or {}))
     if not srm.backbone_tuned:
         return EndoRM(srm.backbone, srm.tokenizer, **endorm_kwargs), srm
     if srm.backbone_name is _UNNAMED:
         return None, srm
+    sentence_rm_io.check_backbone(path, read_config(path), check_backbone, base=True)
     return EndoRM.from_pretrained(srm.backbone_name, device=device, dtype=dtype,
                                   **endorm_kwargs), srm

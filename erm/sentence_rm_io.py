@@ -201,33 +201,41 @@ def _short(x):
     return f"{x[:12]}…" if isinstance(x, str) and len(x) > 16 else x
 
 
-def check_backbone(path, cfg: dict, check: bool = True) -> Optional[dict]:
-    """Compare the base model a version 2 config names (and loads its backbone from) with the
-    fingerprint saved with it.
+def check_backbone(path, cfg: dict, check: bool = True, *, base: bool = False
+                   ) -> Optional[dict]:
+    """Compare the model a config names with the weights fingerprint saved beside it.
 
     Args:
         path: the saved SentenceRM directory (for the message).
         cfg: its checked config.
         check: False: weights that differ only warn (`UserWarning` naming the differences).
+        base: False: the named backbone the head sits on (none when the backbone is saved in
+            the directory); True: the base model (`erm eval`'s EndoRM beside the SentenceRM),
+            also when the backbone was fine-tuned from it and saved.
     Returns:
-        The current fingerprint (a dict) of the named backbone, or None when the backbone is
-        saved in the directory, the config is version 1, or the model is not found locally
-        (loading it then says so).
+        The current fingerprint (a dict) of the named model, or None when there is none to
+        compare (saved backbone, no name, or the model is not found locally: loading it then
+        says so). A version 1 config has no saved fingerprint: nothing is compared.
     Raises:
-        ValueError: the weights or config found under that name differ from those the head
-            was saved with (naming the files and what changed), unless check=False.
+        ValueError: the weights or config found under that name differ from those saved
+            (naming the files and what changed), unless check=False.
     """
-    if cfg.get("backbone_saved") or not cfg.get("base_model_named", True):
+    if base:
+        if not cfg.get("base_model_named"):
+            return None
+        name, what = cfg.get("base_model"), "base model"
+    elif cfg.get("backbone_saved") or not cfg.get("base_model_named", True):
         return None
+    else:
+        name, what = cfg["backbone"], "backbone"
     saved = cfg.get("base_model_fingerprint")
-    now = weights_fingerprint(cfg["backbone"])
-    if saved is None or now.get("files") is None:
-        return None if now.get("files") is None else now
-    changes = fingerprint_changes(saved, now)
+    now = weights_fingerprint(name)
+    if now.get("files") is None:
+        return None
+    changes = fingerprint_changes(saved, now) if saved is not None else []
     if changes:
-        name = cfg["backbone"] or "the embedded default model"
-        msg = (f"{Path(path) / CONFIG_NAME}: the backbone {name} is not the model this head "
-               f"was saved with: {'; '.join(changes)}")
+        msg = (f"{Path(path) / CONFIG_NAME}: the {what} {name or 'the embedded default model'}"
+               f" is not the model this SentenceRM was saved with: {'; '.join(changes)}")
         if check:
             raise ValueError(msg + " (load with check_backbone=False to use these weights "
                              "anyway)")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from erm import SentenceRM, cli
+from erm.sentence_rm import load_for_eval
 from erm.sentence_rm_io import fingerprint_changes, is_sentence_rm_dir, read_config
 from tests.tiny import tiny_model_and_tokenizer
 
@@ -207,3 +208,25 @@ def test_fingerprint_changes():
     assert fingerprint_changes(embedded, reinstalled) == []
     upgraded = dict(embedded, files={"m.gguf": {"size": 8, "mtime_ns": 2}})
     assert fingerprint_changes(embedded, upgraded) == ["m.gguf size 9 -> 8"]
+
+
+def test_a_replaced_base_model_of_a_tuned_backbone_is_refused_for_eval(tmp_path):
+    """A fine-tuned backbone is saved with the head; the EndoRM that `erm eval` puts beside it
+    loads the base model by name, whose weights are checked against the saved fingerprint."""
+    lm_dir = tmp_path / "lm"
+    model, tok = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    rm = SentenceRM.from_backbone(str(lm_dir), aggregate="sum", attn_dim=16, device="cpu")
+    rm.backbone_tuned = True
+    rm.save_pretrained(tmp_path / "srm")
+    endo, _ = load_for_eval(tmp_path / "srm", device="cpu")
+    assert endo is not None
+    tiny_model_and_tokenizer("llama", seed=2)[0].save_pretrained(lm_dir)
+    SentenceRM.from_pretrained(tmp_path / "srm", device="cpu")  # its own backbone: unchanged
+    with pytest.raises(ValueError, match=r"the base model .* is not the model this SentenceRM "
+                                         r"was saved with: model\.safetensors sha256"):
+        load_for_eval(tmp_path / "srm", device="cpu")
+    with pytest.warns(UserWarning, match="base model"):
+        endo, _ = load_for_eval(tmp_path / "srm", device="cpu", check_backbone=False)
+    assert endo is not None
