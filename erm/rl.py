@@ -32,102 +32,53 @@ One step (`Trainer.step`):
    temperature) are those of the first inner epoch's forward, which runs with the rollout
    weights (no update has happened yet), so no extra forward is needed and ρ = 1 exactly there.
 
-The policy is kept in eval mode (no dropout: the ratio and KL are then exact). Metrics per step go
-to `out/log.jsonl` (and a tqdm bar); `--plot` writes `out/curves.png`; `out/checkpoint.pt` holds
-the policy, the optimizer, the RNG states and the step, and `--resume` continues from it to the
-same state. Exact-match accuracy on the held-back prompts is measured before and after training
-(`out/summary.json`).
+The policy is kept in eval mode (no dropout: the ratio and KL are then exact). A step whose loss
+or gradient is not finite takes no optimizer step (logged as "skipped"); `max_bad_steps` of them
+in a row stop the run (`NonFiniteTraining`). Metrics per step go to `out/log.jsonl` (and a tqdm
+bar); `--plot` writes `out/curves.png`; the checkpoint (`erm.checkpoint`: out/checkpoint.json
+with the step, config, base-model identity and RNG states, beside checkpoint-STEP.pt with the
+policy and optimizer, no pickle) is written atomically and never with non-finite weights, and
+`--resume` continues from it to the same state, refusing another config or base model unless
+`resume_force`. Exact-match accuracy on the held-back prompts is measured before and after
+training (`out/summary.json`).
 
     erm rl --steps 10 --prompts-per-step 2 --k 4 --max-new-tokens 24 --plot
     from erm.rl import RLConfig, Trainer; Trainer(RLConfig(steps=2)).train()
 
-Around the loop: `erm.dp` (DDP / FSDP2 wrappers, sums over the ranks, full checkpoints),
+Around the loop: `erm.rl_config` (RLConfig, every option checked before anything loads),
+`erm.dp` (DDP / FSDP2 wrappers, sums over the ranks), `erm.checkpoint` (full checkpoints),
 `erm.rl_eval` (exact match), `erm.plots` (curves). Tests: tests/test_rl.py, bench:
 benches/bench_rl_step.py.
 """
 import copy
 import dataclasses
 import json
+import math
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import dp, lm
+from . import checkpoint, dp, lm, loading
 from .constants import IGNORE_INDEX
-from .ops.endogenous import rewards_from_stats
 from .plots import plot_curves
+from .rl_config import RESUME_MAY_CHANGE, RLConfig
 from .rl_eval import encode_prompts, exact_match_accuracy
 from .tasks import is_correct, load_prompts
 
 
-def _opt(default, help: str, **kw):
-    """A config field with its CLI help."""
-    return field(default=default, metadata={"help": help, **kw})
+class NonFiniteTraining(RuntimeError):
+    """`max_bad_steps` steps in a row had a non-finite loss or gradient (none was applied)."""
 
 
-# ============================================================================ config
-@dataclass
-class RLConfig:
-    """Everything a run needs; each field is also a CLI flag (`--prompts-per-step 4`, ...)."""
-
-    model: Optional[str] = _opt(None, "local dir / HF cache name; None: embedded SmolLM2-135M")
-    prompts: Optional[str] = _opt(None, ".jsonl {prompt, answer?, split?} or .txt; "
-                                        "None: built-in arithmetic")
-    system_prompt: Optional[str] = _opt(None, "system message of every prompt")
-    steps: int = _opt(10, "RL steps")
-    prompts_per_step: int = _opt(2, "prompts per step")
-    k: int = _opt(4, "samples per prompt (the group)")
-    max_new_tokens: int = _opt(32, "longest sampled response")
-    temperature: float = _opt(1.0, "sampling temperature τ")
-    alpha: Optional[float] = _opt(None, "log-prob / soft-Q temperature α; None: = temperature")
-    gamma: float = _opt(1.0, "discount of the endogenous reward (and reward-to-go)")
-    objective: str = _opt("grpo", "advantage estimator", choices=("grpo", "rloo", "reinforce"))
-    normalize: bool = _opt(True, "grpo: divide by group std; reinforce: whiten G_t")
-    verifiable_weight: float = _opt(0.0, "R = Σ r_t + w·[final number == answer]")
-    lr: float = _opt(1e-6, "AdamW learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping (<= 0: none)")
-    ppo_epochs: int = _opt(1, "optimizer steps per batch")
-    micro_batch: int = _opt(0, "sequences per forward/backward (0: the whole batch)")
-    clip_eps: float = _opt(0.2, "PPO clip range ε")
-    kl_coef: float = _opt(0.01, "weight of the k3 KL to the reference")
-    entropy_coef: float = _opt(0.0, "weight of the entropy bonus")
-    seed: int = _opt(0, "seed of sampling and prompt order")
-    out: str = _opt("runs/rl", "output folder (log.jsonl, summary.json, checkpoint.pt, curves.png)")
-    plot: bool = _opt(False, "write out/curves.png")
-    eval_prompts: int = _opt(40, "held-back prompts for exact match (0: no eval)")
-    eval_max_new_tokens: int = _opt(32, "longest greedy response in the eval")
-    save_every: int = _opt(0, "checkpoint every N steps (0: at the end only; <0: never)")
-    resume: bool = _opt(False, "continue from out/checkpoint.pt")
-    device: Optional[str] = _opt(None, "None: cuda if available else cpu")
-    dtype: Optional[str] = _opt(None, "compute dtype (None: bfloat16 on cuda, float32 on cpu)")
-    fsdp: bool = _opt(False, "under torchrun: shard the policy over the ranks with FSDP2 "
-                             "(each decoder layer, then the rest) instead of replicating it (DDP)")
-    progress: bool = _opt(True, "show a progress bar")
-
-    def __post_init__(self):
-        """Check the fields; resolve `alpha` to the float α (None: the sampling temperature)."""
-        if self.objective not in ("grpo", "rloo", "reinforce"):
-            raise ValueError(f"objective must be grpo, rloo or reinforce, got {self.objective!r}")
-        if not self.temperature > 0:
-            raise ValueError("temperature must be > 0 (RL needs sampling)")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError("alpha must be > 0")
-        self.alpha = float(self.alpha if self.alpha is not None else self.temperature)
-        if self.k < 1 or self.prompts_per_step < 1 or self.steps < 0 or self.ppo_epochs < 1:
-            raise ValueError("k, prompts_per_step, ppo_epochs must be >= 1 and steps >= 0")
-        if self.objective == "rloo" and self.k < 2:
-            raise ValueError("rloo needs k >= 2")
-        if self.max_new_tokens < 1 or self.micro_batch < 0:
-            raise ValueError("max_new_tokens must be >= 1 and micro_batch >= 0")
-        if self.device is not None:
-            lm.check_device(self.device)   # a device this machine does not have: a clear error
+class RLWarning(UserWarning):
+    """A skipped step, a forced resume (`erm rl` shows it as an "erm: warning:" line)."""
 
 
 # ============================================================================ 1. rollout
@@ -204,22 +155,19 @@ def score(frozen, batch: Rollout, *, alpha: float, gamma: float = 1.0,
           compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """ONE forward of the frozen base model → (reference log-probs, endogenous token rewards).
 
-    The window runs from the last prompt position p−1 to the end: index j predicts response
-    token j (the last index predicts nothing), so the stats are those of `erm.rewards_from_stats`
-    with the response shifted one position right.
+    `erm.lm.window_rewards` over the window from the last prompt position p−1 to the end (what
+    `EndoRM` scores too), its first index (position p−1, no response token there) dropped.
 
     Returns:
         ref_logprobs (B, R) float32 (log π_ref,α of each response token, 0 outside the mask) and
         token_rewards (B, R) float32 (r_j = z[a_j] − γ·V(next state), V = 0 after the last token
         of a terminated response; 0 outside the mask).
     """
-    tg = torch.cat([batch.targets, torch.full_like(batch.targets[:, :1], IGNORE_INDEX)], 1)
-    st = lm.window_token_stats(frozen, batch.input_ids, batch.attention_mask,
-                               batch.prompt_len - 1, tg, alpha=alpha, compute_dtype=compute_dtype)
-    mask = torch.cat([batch.response_mask.new_zeros(batch.response_mask.shape[0], 1),
-                      batch.response_mask], 1)  # window index j + 1 holds response token j
-    r = rewards_from_stats(st, mask, batch.terminated, alpha=alpha, gamma=gamma)[:, 1:]
-    return st.logprob[:, :-1].float(), r.float()
+    b, p = batch.response_mask.shape[0], batch.prompt_len
+    mask = torch.cat([batch.response_mask.new_zeros(b, p), batch.response_mask], 1)
+    w = lm.window_rewards(frozen, batch.input_ids, batch.attention_mask, mask, batch.terminated,
+                          alpha=alpha, gamma=gamma, start=p - 1, compute_dtype=compute_dtype)
+    return w.logprobs[:, 1:], w.rewards[:, 1:]
 
 
 def verifiable_rewards(batch: Rollout) -> Tensor:
@@ -333,15 +281,17 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
     `old_logprobs` (B, R): log π_old of the responses; None takes them from the first epoch's
     forward, which runs with the rollout weights. Returns the metrics of the first epoch (kl,
     entropy, ratio: means over response tokens) and over all epochs (clip fraction, first and
-    last loss, grad norm). With `policy` a DDP or FSDP wrapper (`erm.dp.wrap_ddp`, `wrap_fsdp`)
-    the batch is this rank's share: the loss is normalised by the response tokens of all ranks
+    last loss, grad norm) and "skipped": True when an epoch's loss or gradient was not finite
+    (NaN or ±inf): that epoch and the later ones take no optimizer step (the decision is the
+    same on every rank: the loss and the norm are global). With `policy` a DDP or FSDP wrapper
+    (`erm.dp.wrap_ddp`, `wrap_fsdp`) the batch is this rank's share: the loss is normalised by the response tokens of all ranks
     and scaled by the world size, so the wrapper's mean of the gradients is the gradient of the
     whole batch's loss; the metrics are summed over the ranks."""
     dev = batch.input_ids.device
     parallel = dp.is_data_parallel(policy)
     n_tok = int(max(1.0, dp.all_sum([batch.response_mask.sum()], dev)[0] if parallel
                     else float(batch.response_mask.sum())))
-    first, losses, clip, gnorm = None, [], 0.0, 0.0
+    first, losses, clip, gnorm, skipped = None, [], 0.0, 0.0, False
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         total_loss, tot, logprobs = _backward(policy, batch, adv, ref_logprobs, old_logprobs, cfg,
@@ -352,14 +302,17 @@ def update(policy, optimizer, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
             [p for p in policy.parameters() if p.requires_grad],
             cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        optimizer.step()
         losses.append(total_loss)
-        clip += tot["clip"] / n_tok
         if epoch == 0:
             first = {key: tot[key] / n_tok for key in ("kl", "entropy", "ratio")}
+        if not (math.isfinite(total_loss) and math.isfinite(gnorm)):
+            skipped = True  # a non-finite loss or gradient never reaches the weights
+            break
+        optimizer.step()
+        clip += tot["clip"] / n_tok
     optimizer.zero_grad(set_to_none=True)
     return dict(first, clip_frac=clip / cfg.ppo_epochs, loss=losses[0], loss_last=losses[-1],
-                grad_norm=gnorm)
+                grad_norm=gnorm, skipped=skipped)
 
 
 def _backward(policy, batch: Rollout, adv: Tensor, ref_logprobs: Tensor,
@@ -425,41 +378,64 @@ class Trainer:
         if cfg.prompts_per_step < self.world:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the "
                              f"number of ranks ({self.world}): each rank samples whole groups")
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        if model is None:
-            model, tokenizer = lm.load(cfg.model)
-        elif tokenizer is None:
-            raise ValueError("pass the tokenizer with the model")
-        self.tokenizer = tokenizer
-        self.policy = model.to(self.device, torch.float32).eval()
-        self.policy.requires_grad_(True)
-        self.frozen = copy.deepcopy(self.policy).to(self.dtype).eval().requires_grad_(False)
         if cfg.fsdp and self.world == 1:
             raise ValueError("fsdp shards the policy over the ranks of a process group: run "
                              "under torchrun with more than one process")
+        if model is not None and tokenizer is None:
+            raise ValueError("pass the tokenizer with the model")
+        if train_prompts is None:  # the prompts and the checkpoint's config before the model
+            train_prompts, held = load_prompts(cfg.prompts)
+            eval_prompts = held if eval_prompts is None else eval_prompts
+        self.train_prompts = list(train_prompts)
+        self.eval_prompts = list(eval_prompts or [])[:cfg.eval_prompts]
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "log.jsonl"
+        self.records: List[dict] = []
+        meta = checkpoint.read_meta(self.out) if cfg.resume else None
+        if meta is not None:
+            self._check_resume(meta["config"], dataclasses.asdict(cfg))
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        given = model is not None
+        if not given:
+            model, tokenizer = lm.load(cfg.model)
+        self.tokenizer = tokenizer
+        self.policy = model.to(self.device, torch.float32).eval()
+        self.policy.requires_grad_(True)
+        # the base model's identity: its weight files, or the tensors of a model built in memory
+        self.model_id = (checkpoint.tensors_fingerprint(self.policy) if given
+                         else loading.weights_fingerprint(cfg.model))
+        self.frozen = copy.deepcopy(self.policy).to(self.dtype).eval().requires_grad_(False)
         # the data-parallel wrapper; under FSDP the policy's parameters become shards in place
         self.wrapper = ((dp.wrap_fsdp if cfg.fsdp else dp.wrap_ddp)(self.policy)
                         if self.world > 1 else None)
         self.sampler = self.wrapper if cfg.fsdp else None  # sampling with the gathered weights
         if self.world > 1:
             torch.manual_seed(cfg.seed + self.rank)  # each rank samples its own responses
-        if train_prompts is None:
-            train_prompts, held = load_prompts(cfg.prompts)
-            eval_prompts = held if eval_prompts is None else eval_prompts
-        self.train_prompts = list(train_prompts)
-        self.eval_prompts = list(eval_prompts or [])[:max(cfg.eval_prompts, 0)]
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters()], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
-        self.step_idx = 0
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out / "log.jsonl"
-        self.records: List[dict] = []
-        if cfg.resume and (self.out / "checkpoint.pt").exists():
-            self.load(self.out / "checkpoint.pt")
+        self.step_idx = self.bad_in_row = 0
+        if meta is not None:
+            self._check_resume({"model_weights": meta.get("model_weights")},
+                               {"model_weights": self.model_id})
+            self.load(meta)
         elif self.log_path.exists() and self.rank == 0:
             self.log_path.unlink()
+
+    def _check_resume(self, stored: dict, now: dict) -> None:
+        """`--resume`: refuse (`erm.checkpoint.CheckpointError`) where the stored `config` or
+        model identity differs from this run's (the fields of RESUME_MAY_CHANGE aside), naming
+        each difference; with `resume_force` a warning names them instead."""
+        diff = checkpoint.config_differences(stored, now, RESUME_MAY_CHANGE)
+        if not diff:
+            return
+        msg = (f"--resume: {self.out / checkpoint.META} was written by another run ("
+               + "; ".join(diff) + ")")
+        if not self.cfg.resume_force:
+            raise checkpoint.CheckpointError(msg + ": pass --resume-force to continue from it "
+                                             "anyway, or start over without --resume")
+        warnings.warn(msg + "; continuing (--resume-force)", RLWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- prompts of a step
     def prompts_for_step(self, step: int) -> List[dict]:
@@ -503,11 +479,21 @@ class Trainer:
                    compute_dtype=self.dtype)
         dt = time.perf_counter() - t0
         self.step_idx += 1
+        self.bad_in_row = self.bad_in_row + 1 if m["skipped"] else 0
         rec = self._record(batch, tok_r, resp_r, correct, m, dt, t_gen)
         self.records.append(rec)
         if self.rank == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+        if m["skipped"]:
+            msg = (f"step {self.step_idx}: the loss or the gradient was not finite; no update "
+                   f"({self.bad_in_row} such step(s) in a row)")
+            if self.bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteTraining(f"{msg}: stopping (--max-bad-steps {cfg.max_bad_steps})"
+                                        "; the weights are those of the last good update (try "
+                                        "a lower --lr or --max-grad-norm)")
+            if self.rank == 0:
+                warnings.warn(msg, RLWarning, stacklevel=2)
         return rec
 
     def _record(self, batch: Rollout, token_rewards: Tensor, response_rewards: Tensor,
@@ -521,31 +507,35 @@ class Trainer:
              token_rewards.sum(), correct.sum(), mask.sum(), batch.terminated.sum()], dev)
         peak_mb = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-        return {"step": self.step_idx,
+        rec = {"step": self.step_idx,
                 "reward": sum_r / b, "reward_total": sum_resp / b,
                 "reward_per_token": sum_tok / max(n_resp, 1), "accuracy": n_ok / b,
                 "kl": m["kl"], "entropy": m["entropy"], "ratio": m["ratio"],
                 "clip_frac": m["clip_frac"], "loss": m["loss"], "grad_norm": m["grad_norm"],
                 "response_len": n_resp / b, "terminated": n_term / b,
                 "tokens_per_s": n_resp / dt, "step_time_s": dt, "gen_time_s": t_gen,
-                "peak_mem_mb": peak_mb, "sample": batch.texts[0][:200]}
+                "peak_mem_mb": peak_mb, "skipped": m["skipped"], "sample": batch.texts[0][:200]}
+        # NaN / ±inf are not JSON: None in the log and the summary
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in rec.items()}
 
     # ---------------------------------------------------------------- checkpoint / resume
-    def save(self, path: Optional[Path] = None) -> Path:
-        """Write the checkpoint (default out/checkpoint.pt: the full policy and optimizer, the
-        RNG states, the step and the config) with `erm.dp.save_checkpoint`: atomically, by rank
-        0 (every rank takes part in gathering FSDP's shards first)."""
-        path = Path(path) if path is not None else self.out / "checkpoint.pt"
-        return dp.save_checkpoint(path, self.policy, self.optimizer,
-                                  {"step": self.step_idx, "config": dataclasses.asdict(self.cfg)},
-                                  sharded=self.cfg.fsdp)
+    def save(self) -> Path:
+        """Write the checkpoint of this step into out with `erm.checkpoint.save` (the full policy
+        and optimizer in checkpoint-STEP.pt; the step, the config, the base model's identity and
+        the RNG states in checkpoint.json): atomically, by rank 0 (every rank takes part in
+        gathering FSDP's shards first), never with non-finite weights. Returns checkpoint.json."""
+        return checkpoint.save(self.out, self.policy, self.optimizer,
+                               {"step": self.step_idx, "config": dataclasses.asdict(self.cfg),
+                                "model_weights": self.model_id}, sharded=self.cfg.fsdp)
 
-    def load(self, path: Path) -> None:
-        """Restore a checkpoint written by `save` (with or without FSDP: checkpoints are full);
-        the JSONL log is cut back to its step."""
-        ck = dp.load_checkpoint(path, self.policy, self.optimizer, device=self.device,
-                                sharded=self.cfg.fsdp)
-        self.step_idx = int(ck["step"])
+    def load(self, meta: dict) -> None:
+        """Restore the checkpoint of out whose checked checkpoint.json is `meta`
+        (`erm.checkpoint.read_meta`; with or without FSDP: checkpoints are full); the JSONL log
+        is cut back to its step."""
+        checkpoint.load(self.out, meta, self.policy, self.optimizer, device=self.device,
+                        sharded=self.cfg.fsdp)
+        self.step_idx = int(meta["step"])
         if self.world > 1:  # the checkpoint holds rank 0's streams: each rank its own again
             torch.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step_idx)
         if self.log_path.exists() and self.rank == 0:
@@ -579,8 +569,8 @@ class Trainer:
             rec = self.step()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", kl=f"{rec['kl']:.4f}",
-                                acc=f"{rec['accuracy']:.2f}", len=f"{rec['response_len']:.1f}")
+                bar.set_postfix({k: "nan" if rec[k] is None else f"{rec[k]:.3g}"
+                                 for k in ("reward", "kl", "accuracy", "response_len")})
             if cfg.save_every > 0 and self.step_idx % cfg.save_every == 0:
                 self.save()
         if bar is not None:
@@ -590,6 +580,7 @@ class Trainer:
         if self.eval_prompts:
             summary["accuracy_after"] = self.evaluate()
         summary["steps"] = [{k: v for k, v in r.items() if k != "sample"} for r in self.records]
+        summary["skipped_steps"] = sum(bool(r.get("skipped")) for r in self.records)
         if cfg.plot and self.records and main:
             summary["plot"] = str(plot_curves(self.records, self.out / "curves.png"))
         if main:

@@ -472,10 +472,10 @@ def _check_rl_two_steps(rank, world, out, fsdp=False):
     if rank == 0:
         assert "accuracy_after" in summary
         names = sorted(p.name for p in __import__("pathlib").Path(out).iterdir())
-        assert names == ["checkpoint.pt", "log.jsonl", "summary.json"], names
+        assert names == ["checkpoint-2.pt", "checkpoint.json", "log.jsonl", "summary.json"], names
     if fsdp:  # the checkpoint is full: a third step resumes from it on every rank
         dist.barrier()
-        ck = torch.load(f"{out}/checkpoint.pt", weights_only=False)
+        ck = torch.load(f"{out}/checkpoint-2.pt", weights_only=True)
         assert all(not hasattr(v, "full_tensor") for v in ck["policy"].values())
         _close(ck["policy"]["model.norm.weight"], _full(model.model.norm.weight), 0.0)
         model2, _ = tiny_model_and_tokenizer("qwen2", seed=0)

@@ -173,7 +173,9 @@ def test_end_to_end_cli_writes_log_png_and_checkpoint(tmp_path, capsys):
                 "tokens_per_s", "peak_mem_mb"):
         assert all(math.isfinite(r[key]) for r in recs), key
     assert (out / "curves.png").stat().st_size > 1000
-    assert (out / "checkpoint.pt").exists()
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["step"] == 2 and meta["tensors"] == "checkpoint-2.pt"
+    assert (out / "checkpoint-2.pt").exists() and not (out / "checkpoint.pt").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
     assert '"accuracy_after"' in capsys.readouterr().out

@@ -4,8 +4,9 @@ import argparse
 import dataclasses
 import json
 import typing
+import warnings
 
-from .options import MODEL_OPTIONS, check_model_options, model_options
+from .options import MODEL_OPTIONS, CLIError, check_model_options, model_options, warn
 
 
 def _config_fields():
@@ -50,14 +51,25 @@ def _run(args, rm=None) -> int:
     `erm.cli.main(argv, rm=...)` passes it) the policy starts from a copy of its model."""
     import copy
 
-    from ..rl import Trainer
+    from ..rl import NonFiniteTraining, RLWarning, Trainer
     check_model_options(args)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)   # every option checked before anything loads
     model = tok = None
     if rm is not None:
         model, tok = copy.deepcopy(rm.model), rm.tokenizer
-    trainer = Trainer(cfg, model, tok)
-    summary = trainer.train()
+    with warnings.catch_warnings():   # the loop's own warnings as "erm: warning: ..." lines
+        default = warnings.showwarning
+
+        def show(message, category, *rest, **kw):
+            if issubclass(category, RLWarning):
+                return warn(str(message))
+            return default(message, category, *rest, **kw)
+        warnings.showwarning = show
+        trainer = Trainer(cfg, model, tok)
+        try:
+            summary = trainer.train()
+        except NonFiniteTraining as exc:
+            raise CLIError(str(exc)) from None
     if trainer.rank != 0:
         return 0
     last = summary["steps"][-1] if summary["steps"] else {}
