@@ -20,8 +20,8 @@ and then merge. Rank 0 shows a progress bar read from the part files it sees.
 Training (`erm.rl.Trainer` under torchrun): `wrap_ddp` replicates the policy, `wrap_fsdp` shards
 it with FSDP2; both wrap `PolicyStats`, the policy's response statistics as one module, so the
 wrapper's backward reduces the gradients. `grad_sync` turns that reduction off between
-micro-batches, `all_sum` sums the metrics over the ranks, and `save_checkpoint` /
-`load_checkpoint` keep full (unsharded) checkpoints, written by rank 0.
+micro-batches and `all_sum` sums the metrics over the ranks; `erm.checkpoint` keeps full
+(unsharded) checkpoints of training, written by rank 0.
 
 Two views of the ranks: `torchrun_env` reads what torchrun put in the environment (before a
 process group exists); `rank_and_size` asks the process group that was joined.
@@ -29,7 +29,6 @@ process group exists); `rank_and_size` asks the process group that was joined.
 import contextlib
 import json
 import os
-import random
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -413,46 +412,3 @@ def grad_sync(policy, sync: bool):
     elif is_ddp(policy) and not sync:
         return policy.no_sync()
     return contextlib.nullcontext()
-
-
-# ------------------------------------------------------------------ full checkpoints of training
-def save_checkpoint(path, model, optimizer, extra: dict, *, sharded: bool = False) -> Path:
-    """Write a training checkpoint atomically, on rank 0 alone: `extra` (the step, the config,
-    ...) with "policy" and "optimizer", the full (unsharded) state dicts of `model` and
-    `optimizer`, and "rng", this process's torch, Python and CUDA random states. `sharded` (an
-    FSDP2 model): every rank must call it, as gathering the shards is a collective; the full
-    states are gathered to the CPU. Returns `path`."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    path, rank = Path(path), rank_and_size()[0]
-    if rank != 0 and not sharded:
-        return path
-    full = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-    state = dict(extra, policy=get_model_state_dict(model, options=full),
-                 optimizer=get_optimizer_state_dict(model, optimizer, options=full),
-                 rng={"torch": torch.get_rng_state(), "python": random.getstate(),
-                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                      else None})
-    if rank != 0:
-        return path
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path, model, optimizer, *, device=None, sharded: bool = False) -> dict:
-    """Restore what `save_checkpoint` wrote into `model` (plain, DDP-replicated or FSDP2-sharded:
-    checkpoints are full) and `optimizer`, and restore the random states it holds (rank 0's).
-    The tensors load onto `device` (the CPU when `sharded`). Returns the checkpoint dict."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    ck = torch.load(path, map_location="cpu" if sharded else device, weights_only=False)
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ck["policy"], options=full)
-    set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=full)
-    torch.set_rng_state(ck["rng"]["torch"].cpu())
-    random.setstate(ck["rng"]["python"])
-    if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
-    return ck
