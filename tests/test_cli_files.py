@@ -250,3 +250,21 @@ def test_json_text_refuses_non_finite_numbers(tmp_path, capsys):
     text = report.read_text()
     assert "NaN" not in text and json.loads(text)["pairs"][0]["scores"]["endorm_sum"] == \
         [None, None]
+
+
+def test_text_options_that_are_not_utf8_are_one_error(tmp_path, capsys):
+    """A byte that is not UTF-8 in an argument reaches Python as a lone surrogate: refused
+    before the model loads, naming the option."""
+    from erm import cli
+    from tests.test_cli import NO_MODEL, _jsonl, _recs
+    src = _jsonl(tmp_path / "in.jsonl", _recs(1))
+    for argv, flag, what in (
+            (["show", "--prompt", "caf\udce9", "--response", "ok", "--out",
+              str(tmp_path / "t.html")], "--prompt", "byte 0xe9"),
+            (["show", "--prompt", "ok", "--response", "x\ud800", "--out",
+              str(tmp_path / "t.html")], "--response", "a lone surrogate \\ud800"),
+            (["score", "--data", str(src), "--out", str(tmp_path / "o.jsonl"),
+              "--system-prompt", "\udcff"], "--system-prompt", "byte 0xff")):
+        rc = cli.main(["-q"] + argv + NO_MODEL)
+        _, err = capsys.readouterr()
+        assert rc == 2 and err == f"erm: error: {flag}: not valid UTF-8 text ({what})\n", err

@@ -166,10 +166,23 @@ def check_device_map(args) -> None:
         raise CLIError(f"{flag} needs accelerate: pip install 'erm[models]'")
 
 
+def check_text(value, flag: str) -> None:
+    """A CLIError when a text given on the command line is not Unicode text: a byte that is
+    not UTF-8 reaches Python as a lone surrogate (\\udc80-\\udcff), which no tokenizer takes."""
+    if isinstance(value, str):
+        bad = next((c for c in value if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            what = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF \
+                else f"a lone surrogate \\u{ord(bad):04x}"
+            raise CLIError(f"{flag}: not valid UTF-8 text ({what})")
+
+
 def check_model_options(args) -> None:
     """Every model option given, checked before anything is loaded: --batch-size >= 1,
     --max-length >= 2, a finite α >= 1e-4 and finite γ (parsed as such; checked again here for
-    a namespace built by hand), a --device this machine has, a usable --device-map."""
+    a namespace built by hand), a --device this machine has, a usable --device-map, a
+    --system-prompt that is Unicode text."""
+    check_text(getattr(args, "system_prompt", None), "--system-prompt")
     batch = getattr(args, "batch_size", None)
     if batch is not None and batch < 1:
         raise CLIError(f"--batch-size must be at least 1, got {batch}")

@@ -1,6 +1,6 @@
 """`erm show`: a response coloured token by token by its endogenous reward (HTML or an image)."""
 from .models import load_rm, load_srm
-from .options import (CLIError, atomic_output, check_model_options, check_out, log,
+from .options import (CLIError, atomic_output, check_model_options, check_out, check_text, log,
                       model_options, read_text)
 
 
@@ -17,6 +17,8 @@ def cmd_show(args, rm=None) -> int:
         response = read_text(args.response_file, "--response-file")
     if prompt is None or response is None:
         raise CLIError("give --prompt (or --prompt-file) and --response (or --response-file)")
+    check_text(prompt, "--prompt")
+    check_text(response, "--response")
     if not response.strip():
         raise CLIError("the response is empty")
     rm = (load_srm(args) if rm is None else None) or load_rm(args, rm)
