@@ -125,8 +125,12 @@ setup(
         "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy"],
         "test": ["pytest", "pytest-benchmark"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "verl": ["verl>=0.9.1"],
     },
-    entry_points={"console_scripts": ["erm=erm.cli:main"]},
+    # verl imports every `verl.plugins` entry point at start-up: this one registers the reward
+    # manager `erm` (erm/integrations/verl_manager.py)
+    entry_points={"console_scripts": ["erm=erm.cli:main"],
+                  "verl.plugins": ["erm=erm.integrations.verl_manager"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
