@@ -2,12 +2,15 @@
 
     erm serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--max-batch-size 32]
               [--max-wait-ms 5] [--system-prompt ...] [--alpha 1.0] [--gamma 1.0]
-              [--device-map auto] [--reduction sum|mean]
+              [--device-map auto] [--reduction sum|mean] [--api-key KEY] [--docs]
+              [--max-body-mb 16] [--max-pairs 4096] [--max-queue 4096]
+              [--read-timeout 30] [--shutdown-timeout 30]
 
 Endpoints (JSON in, JSON out):
 
 * ``GET /health`` — 200 ``{"status": "ok", "model": ...}`` once the model is loaded, 503
-  ``{"status": "loading"}`` before.
+  ``{"status": "loading"}`` before (``"error"`` when the model failed to load or the worker
+  stopped).
 * ``POST /score`` — ``{"prompts": [str | messages], "responses": [str], "reduction"?: "sum" |
   "mean", "token_rewards"?: bool, "terminated"?: bool | [bool]}`` → ``{"rewards": [float],
   "prompt_truncated": [bool], "token_rewards"?: [[float]]}``, equal to `erm.EndoRM.score`
@@ -35,7 +38,18 @@ serving; a pair that cannot be scored (a response longer than ``--max-length``) 
 own request. A prompt longer than ``--max-length`` allows is cut from the left: the answer flags
 it (``prompt_truncated``) and the ``erm.serve`` logger warns once per request with the count
 (``--no-truncate``: a 422 instead). SIGTERM (or Ctrl-C) stops accepting connections, answers
-every request already received, and exits 0.
+every request already received within ``--shutdown-timeout`` seconds, and exits 0.
+
+Whatever a request holds, it fails alone: a lone surrogate, a chat template that raises, a
+tokenizer's own error give that request a 4xx naming the item, and the worker goes on (should the
+batching task ever end, /health and every request answer 503). Limits, each a 4xx before any
+model work: a body over ``--max-body-mb`` (413), more than ``--max-pairs`` pairs (413), a
+response with more characters than max_length tokens can hold (422, before tokenizing), JSON
+nested past the parser's limit (400), more than ``--max-queue`` pairs waiting (429 with
+Retry-After), a body not all sent within ``--read-timeout`` seconds (408, connection closed). A
+request whose client went away is not scored. ``--api-key`` (or ``ERM_API_KEY``): /score and
+/get_reward answer 401 without ``Authorization: Bearer KEY``; /docs and /openapi.json only with
+``--docs``.
 
 Programmatic use: `make_app(rm)` (a FastAPI app), `serve(rm, host, port)`, and
 `running(rm)` — a context manager serving on a free loopback port in a thread, yielding its URL.

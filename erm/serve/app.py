@@ -1,7 +1,13 @@
-"""The reward server's HTTP side: `make_app` (the FastAPI app: /health, /score, /get_reward),
-`serve` (until SIGTERM / Ctrl-C, draining the requests in flight) and `running` (a server on a
-free loopback port in a thread, for tests and notebooks)."""
+"""The reward server's HTTP side: `make_app` (the FastAPI app: /health, /score, /get_reward, with
+the body limits, the read timeout and the optional bearer token), `serve` (until SIGTERM / Ctrl-C,
+draining the requests in flight for at most `shutdown_timeout` seconds) and `running` (a server on
+a free loopback port in a thread, for tests and notebooks)."""
+import asyncio
 import contextlib
+import hmac
+import ipaddress
+import logging
+import math
 import signal
 import socket
 import sys
@@ -9,16 +15,97 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .batcher import RewardServer
-from .protocol import RequestError, parse_get_reward, parse_score
+from .batcher import ClientGone, RewardServer
+from .protocol import RequestError, parse_get_reward, parse_json, parse_score
+
+log = logging.getLogger("erm.serve")
+
+#: Default limits of the HTTP side: body size, seconds to receive a body, seconds of drain.
+MAX_BODY_BYTES = 16 * 2 ** 20
+READ_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 30.0
+_APP_OPTIONS = ("api_key", "docs", "max_body_bytes", "read_timeout")
+_CLOSE = {"Connection": "close"}
 
 
-def make_app(rm, **kwargs):
-    """A FastAPI app serving `rm` (an `erm.EndoRM` or a callable returning one); keyword
-    arguments as in `RewardServer`. The server object is `app.state.server`."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
+
+def _check_app_options(api_key, max_body_bytes, read_timeout) -> None:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or \
+            max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+    _positive(read_timeout, "read_timeout")
+
+
+async def read_body(receive, headers, max_bytes: int, timeout: float) -> bytes:
+    """The request body from the ASGI `receive`: RequestError 413 past `max_bytes` (declared by
+    Content-Length or counted as it arrives), 408 when it is not all there within `timeout`
+    seconds; ClientGone when the client disconnects before the end."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(f"the body is {int(declared)} bytes; this server takes at most "
+                           f"{max_bytes} (max_body_bytes)", 413, _CLOSE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    chunks, n = [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise RequestError(f"the body did not arrive within {timeout:g} s (read_timeout; "
+                               f"{n} bytes received)", 408, _CLOSE) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone(f"the client disconnected while sending the body ({n} bytes "
+                             f"received{f' of {declared}' if declared else ''})")
+        chunk = message.get("body", b"")
+        n += len(chunk)
+        if n > max_bytes:
+            raise RequestError(f"the body is more than {max_bytes} bytes (max_body_bytes)", 413,
+                               _CLOSE)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _disconnected(receive) -> None:
+    """Completes when the client of a request whose body was read goes away."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+def _authorized(headers, api_key: str) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken does not depend on how much of the token is right
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              api_key.encode())
+
+
+def make_app(rm, *, api_key: Optional[str] = None, docs: bool = False,
+             max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
+             **kwargs):
+    """A FastAPI app serving `rm` (an `erm.EndoRM`, a callable returning one, or a
+    `RewardServer`); the server object is `app.state.server`.
+
+    Args:
+        api_key: when set, /score and /get_reward answer 401 unless the request carries
+            ``Authorization: Bearer <api_key>`` (compared in constant time); /health stays open.
+        docs: serve /docs and /openapi.json (off by default).
+        max_body_bytes: largest request body (more: 413).
+        read_timeout: seconds a client has to send a whole body once its headers arrived
+            (slower: 408, and the connection is closed).
+        kwargs: as in `RewardServer` (batching and its limits).
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    _check_app_options(api_key, max_body_bytes, read_timeout)
     server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
 
     @contextlib.asynccontextmanager
@@ -30,42 +117,63 @@ def make_app(rm, **kwargs):
             await server.stop()
 
     app = FastAPI(title="erm reward server", lifespan=lifespan,
-                  description="Endogenous rewards of a causal LM (erm).")
+                  description="Endogenous rewards of a causal LM (erm).",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.server = server
 
-    async def body_of(request: Request):
-        raw = await request.body()
+    async def answer(job_of, request: Request, path: str):
         try:
-            import json
-            return json.loads(raw)
-        except ValueError:
-            raise HTTPException(400, "the body is not valid JSON") from None
-
-    async def answer(job_of, request: Request):
-        body = await body_of(request)
-        try:
-            job = job_of(body)
-            return JSONResponse(await server.submit(job))
+            if api_key is not None and not _authorized(request.headers, api_key):
+                raise RequestError("missing or wrong API key: send 'Authorization: Bearer "
+                                   "<key>'", 401, {"WWW-Authenticate": "Bearer"})
+            raw = await read_body(request.receive, request.headers, max_body_bytes,
+                                  read_timeout)
+            job = job_of(parse_json(raw))
+            return JSONResponse(await server.submit(job, _disconnected(request.receive)))
         except RequestError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            return JSONResponse({"detail": str(exc)}, exc.status, exc.headers)
+        except ClientGone as exc:
+            client = request.client
+            log.info("%s from %s: %s", path, f"{client.host}:{client.port}" if client else "?",
+                     exc)
+            return Response(status_code=499)  # nobody reads it
 
     @app.get("/health")
     async def health():
         if server.load_error is not None:
             return JSONResponse({"status": "error", "detail": str(server.load_error)}, 503)
+        if server.worker_error is not None or server.stopped:
+            return JSONResponse({"status": "error", "detail": f"the scoring worker stopped: "
+                                 f"{server.worker_error!r}"}, 503)
         if not server.ready:
             return JSONResponse({"status": "loading"}, 503)
         return {"status": "ok", "model": server.name, "max_batch_size": server.max_batch_size}
 
     @app.post("/score")
     async def score(request: Request):
-        return await answer(parse_score, request)
+        return await answer(parse_score, request, "/score")
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        return await answer(parse_get_reward, request)
+        return await answer(parse_get_reward, request, "/get_reward")
 
     return app
+
+
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """The warning for serving on `host` without a token: None on a loopback address or with
+    an `api_key`, else a line saying who can reach it."""
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"listening on {host} without an API key: anyone who can reach this address can "
+            "use the server (set ERM_API_KEY or --api-key, or bind 127.0.0.1)")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -80,24 +188,39 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, log_level: str):
+def _split(rm, kwargs: dict):
+    """(RewardServer, make_app's own keyword arguments) from serve's / running's kwargs."""
+    app_kw = {k: kwargs.pop(k) for k in _APP_OPTIONS if k in kwargs}
+    server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
+    return server, app_kw
+
+
+def _uvicorn_server(app, log_level: str, shutdown_timeout: float):
     import uvicorn
 
+    # uvicorn's own limits kept: 5 s idle keep-alive, 16 KiB of request headers (h11)
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug",
-                            lifespan="on", timeout_graceful_shutdown=None)
+                            lifespan="on", timeout_graceful_shutdown=shutdown_timeout)
     return uvicorn.Server(config)
 
 
 def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
-          announce: Optional[Callable[[str], None]] = None, **kwargs) -> int:
+          announce: Optional[Callable[[str], None]] = None,
+          shutdown_timeout: float = SHUTDOWN_TIMEOUT, **kwargs) -> int:
     """Serve `rm` (an EndoRM, a callable returning one, or a `RewardServer`) until SIGTERM /
     Ctrl-C; returns the exit status (1 when the model failed to load). `announce(url)` is called
-    once the port is bound (port 0 picks a free one). Other keyword arguments as in
-    `RewardServer`."""
-    server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
-    app = make_app(server)
+    once the port is bound (port 0 picks a free one). On SIGTERM the requests already received
+    are answered for at most `shutdown_timeout` seconds, then the rest are dropped. Other keyword
+    arguments as in `make_app` and `RewardServer`; warns on stderr when `host` is not a loopback
+    address and there is no `api_key`."""
+    _positive(shutdown_timeout, "shutdown_timeout")
+    server, app_kw = _split(rm, kwargs)
+    app = make_app(server, **app_kw)
+    warning = exposure_warning(host, app_kw.get("api_key"))
+    if warning:
+        print(f"erm serve: warning: {warning}", file=sys.stderr, flush=True)
     sock = _bind(host, port)
-    userver = _uvicorn_server(app, log_level)
+    userver = _uvicorn_server(app, log_level, shutdown_timeout)
 
     def failed(exc):
         print(f"erm serve: error: could not load the model: {exc}", file=sys.stderr, flush=True)
@@ -125,14 +248,17 @@ def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "wa
 
 
 @contextlib.contextmanager
-def running(rm, *, host: str = "127.0.0.1", timeout: float = 60.0, **kwargs):
+def running(rm, *, host: str = "127.0.0.1", timeout: float = 60.0,
+            shutdown_timeout: float = SHUTDOWN_TIMEOUT, **kwargs):
     """Serve `rm` (as in `serve`) on a free port of `host` in a background thread; yields the
     base URL ("http://127.0.0.1:PORT") once /health answers 200, and shuts the server down (draining
-    requests in flight) on exit. Keyword arguments as in `RewardServer`."""
-    server = rm if isinstance(rm, RewardServer) else RewardServer(rm, **kwargs)
-    app = make_app(server)
+    requests in flight, for at most `shutdown_timeout` seconds) on exit. Keyword arguments as in
+    `make_app` and `RewardServer`."""
+    _positive(shutdown_timeout, "shutdown_timeout")
+    server, app_kw = _split(rm, kwargs)
+    app = make_app(server, **app_kw)
     sock = _bind(host, 0)
-    userver = _uvicorn_server(app, "warning")
+    userver = _uvicorn_server(app, "warning", shutdown_timeout)
     thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="erm-serve-http")
     thread.start()

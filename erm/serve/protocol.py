@@ -1,21 +1,48 @@
 """The reward server's requests: a `/score` or OpenRLHF `/get_reward` JSON body parsed into a
 `Job` (what to score and where its answer goes), or a `RequestError` naming the field and item
-that is wrong (answered with its HTTP status, 422 by default)."""
+that is wrong (answered with its HTTP status, 422 by default; 400 for a body that is not JSON or
+is nested too deeply). Every string a job carries is valid Unicode (a lone surrogate, which JSON's
+"\\ud800" escape can write, is refused here, before any tokenizer sees it)."""
+import json
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 from .. import lm
+from ..scoring import terminated_flags
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 40, 40, 2
+
+
+def short(value) -> str:
+    """A repr of `value` short enough for an error message (strings and nesting cut)."""
+    return _SHORT.repr(value)
 
 
 class RequestError(ValueError):
-    """A request that cannot be scored: answered with `status` and the message."""
+    """A request that cannot be scored: answered with `status`, the message and `headers`
+    (e.g. Retry-After on a 429)."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 422,
+                 headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 _SCORE_KEYS = {"prompts", "responses", "reduction", "token_rewards", "terminated"}
+
+
+def parse_json(raw: bytes):
+    """The JSON value of a request body; RequestError (400) when it is not JSON (or not UTF-8)
+    or is nested more deeply than the parser's recursion limit allows."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError("the body is nested too deeply to be a request", 400) from None
+    except ValueError:
+        raise RequestError("the body is not valid JSON", 400) from None
 
 
 def _list_of(body: dict, key: str, what: str) -> list:
@@ -31,13 +58,26 @@ def _list_of(body: dict, key: str, what: str) -> list:
 
 def _bool(value, name: str) -> bool:
     if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be true or false, got {value!r}")
+        raise RequestError(f"'{name}' must be true or false, got {short(value)}")
     return value
 
 
-@dataclass
+def _text(value, name: str) -> str:
+    """`value` if it is a string of valid Unicode (encodable as UTF-8), else RequestError."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name} is not valid Unicode: a lone surrogate "
+                           f"({value[exc.start]!a}) at character {exc.start}") from None
+    return value
+
+
+@dataclass(eq=False)  # identity: a job is one request
 class Job:
-    """One request: what to score and where its answer goes."""
+    """One request: what to score and where its answer goes. `cancelled`: its client went away
+    (nothing of it is scored from then on); `taken`: the batcher took it off the queue."""
 
     kind: str                      # "score" | "openrlhf"
     prompts: list
@@ -46,10 +86,39 @@ class Job:
     reduction: str = "sum"
     token_rewards: bool = False
     future: Any = None
+    cancelled: bool = False
+    taken: bool = False
 
     @property
     def size(self) -> int:
         return len(self.responses)
+
+
+def _prompt(p, i: int):
+    try:
+        msgs = lm.messages(p)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"prompts[{i}]: {exc}") from None
+    if isinstance(p, str):
+        _text(p, f"prompts[{i}]")
+    else:
+        for j, m in enumerate(msgs):
+            _text(m["role"], f"prompts[{i}][{j}].role")
+            _text(m["content"], f"prompts[{i}][{j}].content")
+    return p
+
+
+def _terminated(body: dict, n: int) -> List[bool]:
+    term = body.get("terminated", True)
+    if isinstance(term, list):  # JSON booleans only: 0 and 1 are refused
+        for i, t in enumerate(term):
+            _bool(t, f"terminated[{i}]")
+    else:
+        _bool(term, "terminated")
+    try:
+        return terminated_flags(term, n)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"'terminated': {exc}") from None
 
 
 def parse_score(body) -> Job:
@@ -58,33 +127,23 @@ def parse_score(body) -> Job:
         raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - _SCORE_KEYS)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; expected {sorted(_SCORE_KEYS)}")
+        raise RequestError(f"unknown field(s) {short(unknown)}; expected {sorted(_SCORE_KEYS)}")
     prompts = _list_of(body, "prompts", "strings or message lists")
     responses = _list_of(body, "responses", "strings")
     if len(prompts) != len(responses):
         raise RequestError(f"got {len(prompts)} prompts but {len(responses)} responses")
     for i, p in enumerate(prompts):
-        try:
-            lm.messages(p)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"prompts[{i}]: {exc}") from None
+        _prompt(p, i)
     for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise RequestError(f"responses[{i}] must be a string, got {type(r).__name__}")
+        _text(r, f"responses[{i}]")
         if not r.strip():
             raise RequestError(f"responses[{i}] is empty: there is nothing to score")
     reduction = body.get("reduction", "sum")
     if reduction not in ("sum", "mean"):
-        raise RequestError(f"'reduction' must be \"sum\" or \"mean\", got {reduction!r}")
-    term = body.get("terminated", True)
-    if isinstance(term, list):
-        if len(term) != len(responses):
-            raise RequestError(f"'terminated' has {len(term)} entries for {len(responses)} pairs")
-        term = [_bool(t, f"terminated[{i}]") for i, t in enumerate(term)]
-    else:
-        term = [_bool(term, "terminated")] * len(responses)
+        raise RequestError(f"'reduction' must be \"sum\" or \"mean\", got {short(reduction)}")
+    term = _terminated(body, len(responses))
     return Job("score", list(prompts), list(responses), term, reduction,
-                _bool(body.get("token_rewards", False), "token_rewards"))
+               _bool(body.get("token_rewards", False), "token_rewards"))
 
 
 def parse_get_reward(body) -> Job:
@@ -100,10 +159,8 @@ def parse_get_reward(body) -> Job:
         raise RequestError(f"got {len(queries)} queries but {len(prompts)} prompts")
     responses = []
     for i, (q, p) in enumerate(zip(queries, prompts)):
-        if not isinstance(q, str):
-            raise RequestError(f"query[{i}] must be a string, got {type(q).__name__}")
-        if not isinstance(p, str):
-            raise RequestError(f"prompts[{i}] must be a string, got {type(p).__name__}")
+        _text(q, f"query[{i}]")
+        _text(p, f"prompts[{i}]")
         if not q.startswith(p):
             raise RequestError(f"query[{i}] does not start with prompts[{i}]")
         responses.append(q[len(p):])
