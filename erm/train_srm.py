@@ -1,39 +1,51 @@
-"""Training a `SentenceRM` on preference pairs (Bradley–Terry); the `erm train-srm` command
+"""Training a `SentenceRM` on preference pairs (Bradley–Terry), in one process or data-parallel
+under torchrun (DDP, or FSDP2 with `fsdp=True`); the `erm train-srm` command
 (erm/cli/train_srm.py) runs it.
 
     rm, history = erm.train_sentence_rm(pairs, freeze_backbone=True, epochs=3)
     erm train-srm --data train.jsonl --eval eval.jsonl --out srm --freeze-backbone
+    torchrun --nproc-per-node 4 -m erm train-srm --data train.jsonl --out srm [--fsdp]
 
 Loss per pair: −log σ(R(x, y_w) − R(x, y_l)) + l2_reward·(R(x, y_w)² + R(x, y_l)²)/2, averaged
-over the batch; AdamW (no weight decay on biases), linear warm-up then cosine decay to 0 over the
-optimizer steps, gradient accumulation over `grad_accum` batches, gradient-norm clipping, bf16
-autocast on GPU, optional gradient checkpointing of the backbone. Chosen and rejected responses
-of a batch go through the backbone in one forward.
+over the pairs of an optimizer step (all ranks' pairs); AdamW (no weight decay on biases),
+linear warm-up then cosine decay to 0 over the optimizer steps, gradient accumulation over
+`grad_accum` batches, gradient-norm clipping, bf16 autocast on GPU, optional gradient
+checkpointing of the backbone. Chosen and rejected responses of a batch go through the backbone
+in one forward. A step whose loss or gradient norm is not finite is skipped (no update; counted
+in the history's "skipped").
 
 With `freeze_backbone=True` only the value head and the aggregator train: the hidden states of
 the marker tokens of every training (and eval) example are computed once, before the first epoch
-(no grad), and the epochs run on them — the backbone is not run again.
+(no grad), and the epochs run on them — the backbone is not run again. `lora_rank` trains LoRA
+adapters on the backbone (peft) with the head.
 
-`history` is one dict per optimizer step: step, epoch, loss, accuracy (of the batch), margin
-(mean R_w − R_l), lr; the last step of an epoch also has eval_accuracy and eval_loss when
-eval pairs are given.
+Under torchrun (an initialised process group of N > 1 ranks) every rank owns a shard of the
+pairs and takes its slice of every batch (`erm.srm_parallel`): one step on N ranks equals one
+step of one process on the whole batch; metrics are summed over the ranks, evaluation is sharded,
+rank 0 shows the progress and writes the files. With `out`, a checkpoint (`erm.srm_checkpoint`)
+is written to OUT/checkpoint every `save_every` steps and at the end; `resume=True` continues
+from it.
+
+`history` is one dict per optimizer step: step, epoch, loss, accuracy (of the step's pairs),
+margin (mean R_w − R_l), lr, pairs_per_s, skipped (steps skipped so far); the last step of an
+epoch also has eval_accuracy and eval_loss when eval pairs are given.
 """
 import json
 import math
 import os
-import random
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from . import lm
+from . import dp
 from ._checks import check_int
-from .sentence_rm import AGGREGATES, SentenceRM, eval_mode as _eval_mode
+from .sentence_rm import AGGREGATES, SentenceRM
+from .srm_loop import Trainer
 
-__all__ = ["train_sentence_rm", "as_pairs", "pair_accuracy"]
+__all__ = ["train_sentence_rm", "as_pairs", "pair_accuracy", "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------ data
@@ -65,7 +77,7 @@ def as_pairs(pairs, what: str = "pairs") -> list:
                                                       "subset": p.subset} for p in pairs])
 
 
-def _encode_pairs(rm: SentenceRM, pairs, what: str):
+def encode_pairs(rm: SentenceRM, pairs, what: str) -> list:
     """[chosen examples..., rejected examples...] of the pairs, errors naming the pair."""
     prompts = [p.prompt for p in pairs]
     try:
@@ -103,79 +115,17 @@ def _build(model, tokenizer, aggregate, device, kw) -> SentenceRM:
     return SentenceRM(model, tokenizer, aggregate=aggregate, device=device, **kw)
 
 
-def _optimizer(rm: SentenceRM, lr: float, head_lr: float, weight_decay: float, frozen: bool):
-    groups = []
-    for params, rate in ((list(rm.head.named_parameters()), head_lr),
-                         ([] if frozen else list(rm.backbone.named_parameters()), lr)):
-        params = [(n, p) for n, p in params if p.requires_grad]
-        decay = [p for n, p in params if p.dim() >= 2]
-        rest = [p for n, p in params if p.dim() < 2]
-        groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay},
-                   {"params": rest, "lr": rate, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+def _model_identity(model) -> dict:
+    """What names the backbone in a checkpoint's fingerprint."""
+    from .loading import weights_fingerprint
+    from .srm_checkpoint import weights_digest
+
+    if model is None or isinstance(model, (str, os.PathLike)):
+        name = None if model is None else str(model)
+        return {"name": name, "weights": weights_fingerprint(name)}
+    return {"object": type(model).__name__, "weights": weights_digest(model)}
 
 
-def _schedule(opt, total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        p = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.no_grad()
-def _cache_states(rm: SentenceRM, examples, batch_size: int, progress: bool) -> list:
-    """Marker hidden states of every example (float32 on the head's device), one backbone
-    forward per batch of `batch_size` sequences, longest first."""
-    from tqdm.auto import tqdm
-
-    out = [None] * len(examples)
-    with tqdm(total=len(examples), desc="hidden states", unit="seq", leave=False,
-              disable=not progress) as bar, _autocast(rm):
-        for idx in lm.length_batches([len(e.ids) for e in examples], batch_size):
-            for i, s in zip(idx, rm.marker_states([examples[i] for i in idx])):
-                out[i] = s.float().to(rm.device)
-            bar.update(len(idx))
-    return out
-
-
-def _autocast(rm: SentenceRM):
-    dev = next(rm.backbone.parameters()).device
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-
-def _rewards(rm: SentenceRM, idx: Sequence[int], examples, cache) -> torch.Tensor:
-    """(len(idx),) rewards R of examples[idx], from cached states or a backbone forward."""
-    if cache is not None:
-        return rm.aggregate_states([cache[i] for i in idx])[0]
-    with _autocast(rm):
-        states = rm.marker_states([examples[i] for i in idx])
-    return rm.aggregate_states(states)[0]
-
-
-def _bt_loss(rc: torch.Tensor, rr: torch.Tensor, l2: float) -> torch.Tensor:
-    loss = -F.logsigmoid(rc - rr).mean()
-    if l2:
-        loss = loss + l2 * 0.5 * (rc.pow(2) + rr.pow(2)).mean()
-    return loss
-
-
-@torch.no_grad()
-def _evaluate(rm: SentenceRM, examples, cache, batch_size: int, l2: float) -> Dict[str, float]:
-    """Accuracy and BT loss on encoded eval pairs ([chosen..., rejected...])."""
-    n = len(examples) // 2
-    if cache is not None:
-        with _eval_mode(rm):
-            scores = torch.cat([_rewards(rm, range(k, min(k + batch_size, 2 * n)), examples,
-                                         cache) for k in range(0, 2 * n, batch_size)]).cpu()
-    else:
-        scores = rm.score_examples(examples, progress=False)
-    c, r = scores[:n], scores[n:]
-    return {"eval_accuracy": pair_accuracy(c, r), "eval_loss": float(_bt_loss(c, r, l2))}
-
-
-# ------------------------------------------------------------------------------------ training
 def _check_args(aggregate, epochs, lr, head_lr, batch_size, grad_accum, weight_decay,
                 warmup_ratio, l2_reward, max_grad_norm):
     if aggregate not in AGGREGATES:
@@ -197,6 +147,20 @@ def _check_args(aggregate, epochs, lr, head_lr, batch_size, grad_accum, weight_d
         raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio!r}")
 
 
+def _check_run_args(save_every, lora_rank, fsdp, resume, out):
+    if save_every is not None:
+        check_int(save_every, "save_every", 1)
+    if lora_rank is not None:
+        check_int(lora_rank, "lora_rank", 1)
+    if (save_every is not None or resume) and out is None:
+        raise ValueError("save_every and resume need out (the checkpoint goes to OUT/"
+                         f"{CHECKPOINT_DIR})")
+    if fsdp and dp.rank_and_size()[1] == 1:
+        raise ValueError("fsdp needs a process group of more than one rank (run under "
+                         "torchrun --nproc-per-node N with N > 1)")
+
+
+# ------------------------------------------------------------------------------------ training
 def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
                       aggregate: str = "attention", freeze_backbone: bool = False,
                       epochs: int = 1, lr: Optional[float] = None,
@@ -206,7 +170,10 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
                       gradient_checkpointing: bool = False, seed: int = 0, out=None,
                       progress: bool = True, device=None,
                       on_epoch: Optional[Callable[[dict], None]] = None,
-                      **model_kwargs) -> Tuple[SentenceRM, List[dict]]:
+                      fsdp: bool = False, save_every: Optional[int] = None,
+                      resume: bool = False, lora_rank: Optional[int] = None,
+                      plot: bool = False,
+                      **model_kwargs) -> Tuple[Optional[SentenceRM], List[dict]]:
     """Train a sentence-level reward model with the Bradley–Terry loss (see the module doc).
 
     Args:
@@ -219,124 +186,78 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
         aggregate: "attention", "sum" or "last".
         freeze_backbone: train only the value head and the aggregator, on hidden states
             computed once per example.
-        epochs, batch_size (pairs per batch), grad_accum (batches per optimizer step).
-        lr: learning rate of the backbone (default 1e-5); head_lr: of the head and aggregator
-            (default 1e-3 with a frozen backbone, else lr).
+        epochs, batch_size (pairs per batch, all ranks together), grad_accum (batches per
+            optimizer step).
+        lr: learning rate of the backbone or its LoRA adapters (default 1e-5, 1e-4 with
+            LoRA); head_lr: of the head and aggregator (default 1e-3 with a frozen backbone or
+            LoRA, else lr).
         weight_decay: AdamW weight decay (not on biases / norms); warmup_ratio: share of the
             optimizer steps of linear warm-up before the cosine decay; l2_reward: weight of the
             L2 penalty on R; max_grad_norm: gradient clipping (None: off).
         gradient_checkpointing: recompute the backbone's activations in the backward.
         seed: seeds the head's initialisation and the shuffling.
-        out: directory to save the trained model (`save_pretrained`) and history.jsonl to.
-        progress: a tqdm bar; on_epoch: called with a dict {epoch, loss, eval_accuracy?, ...}
-            after every epoch.
-        device: default cuda when available, else cpu.
+        out: directory to save the trained model (`save_pretrained`), history.jsonl, the
+            checkpoint (OUT/checkpoint) and, with `plot`, curves.png to (rank 0 writes).
+        progress: a tqdm bar (rank 0); on_epoch: called on every rank with a dict
+            {epoch, step, loss, eval_accuracy?, ...} after every epoch.
+        device: default cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu.
+        fsdp: shard the model with FSDP2 instead of replicating it with DDP (under torchrun).
+        save_every: write a checkpoint every this many optimizer steps (and at the end).
+        resume: continue from OUT/checkpoint when there is one (refused, naming what differs,
+            when it was written with another model, data or configuration).
+        lora_rank: train rank-R LoRA adapters (peft) on the backbone's linear layers.
+        plot: write OUT/curves.png (loss and accuracy per step).
         model_kwargs: further `SentenceRM` arguments (attn_dim, rope, system_prompt,
             max_length, ...).
     Returns:
-        (the trained SentenceRM in eval mode, history: one dict per optimizer step).
+        (the trained SentenceRM in eval mode — None on ranks other than 0 under FSDP2 —,
+        history: one dict per optimizer step, the same on every rank).
     """
     _check_args(aggregate, epochs, lr, head_lr, batch_size, grad_accum, weight_decay,
                 warmup_ratio, l2_reward, max_grad_norm)
+    _check_run_args(save_every, lora_rank, fsdp, resume, out)
+    if freeze_backbone and lora_rank is not None:
+        raise ValueError("lora_rank trains the backbone's adapters: not with freeze_backbone")
     train = as_pairs(pairs, "pairs")
     held = as_pairs(eval_pairs, "eval_pairs") if eval_pairs is not None else None
-    lr = 1e-5 if lr is None else float(lr)
-    head_lr = float(head_lr) if head_lr is not None else (1e-3 if freeze_backbone else lr)
+    adapters = lora_rank is not None
+    lr = float(lr) if lr is not None else (1e-4 if adapters else 1e-5)
+    head_lr = float(head_lr) if head_lr is not None else (
+        1e-3 if freeze_backbone or adapters else lr)
+    rank, size = dp.rank_and_size()
+    if device is None and size > 1 and torch.cuda.is_available():
+        device = f"cuda:{dp.torchrun_env()[2]}"
+    identity = _model_identity(model) if out is not None else None
     torch.manual_seed(seed)
     rm = _build(model, tokenizer, aggregate, device, model_kwargs)
-    examples = _encode_pairs(rm, train, "pairs")
-    held_ex = _encode_pairs(rm, held, "eval_pairs") if held is not None else None
-    flags = [(p, p.requires_grad) for p in rm.backbone.parameters()]
-    rm.backbone.requires_grad_(not freeze_backbone)
-    cache = held_cache = None
-    if freeze_backbone:
-        cache = _cache_states(rm, examples, 2 * batch_size, progress)
-        if held_ex is not None:
-            held_cache = _cache_states(rm, held_ex, 2 * batch_size, progress)
-    elif gradient_checkpointing and hasattr(rm.backbone, "gradient_checkpointing_enable"):
-        rm.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = _optimizer(rm, lr, head_lr, weight_decay, freeze_backbone)
-    n_batches = math.ceil(len(train) / batch_size)
-    total = math.ceil(n_batches / grad_accum) * epochs
-    sched = _schedule(opt, total, int(round(warmup_ratio * total)))
-    history = _loop(rm, opt, sched, examples, cache, held_ex, held_cache, epochs=epochs,
-                    batch_size=batch_size, grad_accum=grad_accum, l2=l2_reward,
-                    clip=max_grad_norm, frozen=freeze_backbone, seed=seed, total=total,
-                    progress=progress, on_epoch=on_epoch)
-    if not freeze_backbone:
-        rm.backbone_tuned = True
-        if gradient_checkpointing and hasattr(rm.backbone, "gradient_checkpointing_disable"):
-            rm.backbone.gradient_checkpointing_disable()
-    for p, flag in flags:  # a model object passed in keeps its own flags
-        p.requires_grad_(flag)
-    rm.eval()
-    if out is not None:
-        rm.save_pretrained(out)
-        with open(Path(out) / "history.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-    return rm, history
+    cfg = dict(aggregate=aggregate, freeze_backbone=freeze_backbone, epochs=epochs, lr=lr,
+               head_lr=head_lr, batch_size=batch_size, grad_accum=grad_accum,
+               weight_decay=weight_decay, warmup_ratio=warmup_ratio, l2_reward=l2_reward,
+               max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
+               seed=seed, world_size=size, fsdp=bool(fsdp), lora_rank=lora_rank,
+               head=rm.config())
+    trainer = Trainer(rm, train, held, cfg, progress=progress, on_epoch=on_epoch)
+    try:
+        trainer.prepare(encode_pairs(rm, train, "pairs"),
+                        encode_pairs(rm, held, "eval_pairs") if held is not None else None)
+        if out is not None:
+            trainer.checkpointing(Path(out) / CHECKPOINT_DIR, save_every,
+                                  fingerprint=trainer.fingerprint(identity), resume=resume)
+        history = trainer.run()
+        final = trainer.finish()
+    finally:
+        trainer.restore_flags()
+    if out is not None and rank == 0:
+        _write_outputs(final, history, Path(out), plot)
+    dp.barrier()
+    return final, history
 
 
-def _loop(rm, opt, sched, examples, cache, held_ex, held_cache, *, epochs, batch_size,
-          grad_accum, l2, clip, frozen, seed, total, progress, on_epoch) -> List[dict]:
-    """The epochs: shuffled batches, BT loss, accumulation, clipping, per-step history."""
-    from tqdm.auto import tqdm
-
-    n = len(examples) // 2
-    gen = random.Random(seed)
-    history: List[dict] = []
-    params = [p for g in opt.param_groups for p in g["params"]]
-    step, t0 = 0, time.perf_counter()
-    with tqdm(total=total, desc="train-srm", unit="step", disable=not progress) as bar:
-        for epoch in range(1, epochs + 1):
-            rm.head.train()
-            rm.backbone.train(not frozen)
-            order = list(range(n))
-            gen.shuffle(order)
-            batches = [order[k:k + batch_size] for k in range(0, n, batch_size)]
-            acc = {"loss": 0.0, "hits": 0.0, "margin": 0.0, "count": 0}
-            epoch_loss = []
-            for j, idx in enumerate(batches):
-                r = _rewards(rm, list(idx) + [n + i for i in idx], examples, cache)
-                rc, rr = r[:len(idx)], r[len(idx):]
-                loss = _bt_loss(rc, rr, l2)
-                (loss * len(idx) / _group_size(batches, j, grad_accum)).backward()
-                acc["loss"] += float(loss.detach()) * len(idx)
-                acc["hits"] += pair_accuracy(rc.detach(), rr.detach()) * len(idx)
-                acc["margin"] += float((rc - rr).detach().sum())
-                acc["count"] += len(idx)
-                if (j + 1) % grad_accum and j + 1 < len(batches):
-                    continue
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                lr_now = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                c = acc["count"]
-                rec = {"step": step, "epoch": epoch, "loss": acc["loss"] / c,
-                       "accuracy": acc["hits"] / c, "margin": acc["margin"] / c, "lr": lr_now,
-                       "seconds": time.perf_counter() - t0}
-                history.append(rec)
-                epoch_loss.append((rec["loss"], c))
-                acc = {"loss": 0.0, "hits": 0.0, "margin": 0.0, "count": 0}
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", epoch=epoch)
-            summary = {"epoch": epoch, "step": step,
-                       "loss": sum(a * b for a, b in epoch_loss) / max(1, sum(b for _, b in
-                                                                            epoch_loss))}
-            if held_ex is not None:
-                ev = _evaluate(rm, held_ex, held_cache, 2 * batch_size, l2)
-                history[-1].update(ev)
-                summary.update(ev)
-            if on_epoch is not None:
-                on_epoch(summary)
-    return history
-
-
-def _group_size(batches, j: int, grad_accum: int) -> int:
-    """Pairs in the accumulation group of batch j (the last group may be short)."""
-    start = (j // grad_accum) * grad_accum
-    return sum(len(b) for b in batches[start:start + grad_accum])
+def _write_outputs(rm: SentenceRM, history: List[dict], out: Path, plot: bool) -> None:
+    """Rank 0: the model, history.jsonl and (plot) curves.png in `out`."""
+    rm.save_pretrained(out)
+    with open(out / "history.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    if plot:
+        from .srm_loop import plot_history
+        plot_history(history, out / "curves.png")

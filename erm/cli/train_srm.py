@@ -1,5 +1,7 @@
 """`erm train-srm`: train a sentence-level reward model (`erm.train_sentence_rm`) on preference
-pairs, print the held-out accuracy after each epoch and save it to --out."""
+pairs, print the held-out accuracy after each epoch and save it to --out; under torchrun
+(`torchrun --nproc-per-node N -m erm train-srm ...`) data-parallel with DDP, or FSDP2 with
+--fsdp, rank 0 printing and writing."""
 import time
 from pathlib import Path
 
@@ -38,13 +40,40 @@ def _add_training_options(p) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the backbone's activations in the backward")
     p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (one shard group per decoder "
+                        "layer) instead of replicating it with DDP")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="write a checkpoint to OUT/checkpoint every N optimizer steps (and at "
+                        "the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint (refused when it was written with another "
+                        "model, data or configuration)")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train rank-R LoRA adapters on the backbone (needs peft)")
+    p.add_argument("--plot", action="store_true", help="write OUT/curves.png (loss, accuracy)")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sentence_rm.json").is_file():
+    known = (out / "sentence_rm.json").is_file() or (out / "checkpoint").is_dir()
+    if out.is_dir() and any(out.iterdir()) and not known and not resume:
         raise CLIError(f"--out {out}: a non-empty directory that is not a saved SentenceRM")
+
+
+def _check_run_options(args) -> None:
+    for name in ("save_every", "lora_rank"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.lora_rank is not None and args.freeze_backbone:
+        raise CLIError("--lora-rank trains adapters on the backbone: not with --freeze-backbone")
+    if args.lora_rank is not None:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise CLIError("--lora-rank needs peft (pip install peft)") from None
 
 
 def _backbone(args, rm):
@@ -65,15 +94,24 @@ def cmd_train_srm(args, rm=None) -> int:
     from ..data import load_pairs
     from ..train_srm import train_sentence_rm
 
+    from .. import dp
+
     check_model_options(args)  # e.g. a device this machine does not have
+    _check_run_options(args)
     out = Path(args.out)
-    _check_out(out)
+    _check_out(out, args.resume)
+    rank, size, args.device = dp.init(args.device)
+    if args.fsdp and size == 1:
+        raise CLIError("--fsdp shards the model over the ranks of torchrun: run under "
+                       "torchrun --nproc-per-node N (N > 1)")
     train, held = load_pairs(args.data), (load_pairs(args.eval) if args.eval else None)
     model, tok = _backbone(args, rm)
     epochs = []
 
     def report(e):
         epochs.append(e)
+        if rank != 0:
+            return
         ev = (f", eval accuracy {100 * e['eval_accuracy']:.1f}% ({len(held)} pairs), eval loss "
               f"{e['eval_loss']:.4f}" if "eval_accuracy" in e else "")
         print(f"epoch {e['epoch']}/{args.epochs}: train loss {e['loss']:.4f}{ev}", flush=True)
@@ -87,11 +125,18 @@ def cmd_train_srm(args, rm=None) -> int:
         l2_reward=args.l2_reward, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, out=out, progress=not getattr(args, "quiet", False),
         device=args.device, on_epoch=report, attn_dim=args.attn_dim,
-        max_length=args.max_length, system_prompt=args.system_prompt)
+        max_length=args.max_length, system_prompt=args.system_prompt, fsdp=args.fsdp,
+        save_every=args.save_every, resume=args.resume, lora_rank=args.lora_rank,
+        plot=args.plot)
+    if rank != 0:
+        return 0
     last = epochs[-1] if epochs else {}
     print(json_text({"out": str(out), "pairs": len(train), "steps": len(history),
                      "train_loss": last.get("loss"), "eval_accuracy": last.get("eval_accuracy"),
                      "aggregate": args.aggregate, "freeze_backbone": args.freeze_backbone,
+                     "ranks": size, "skipped_steps": history[-1]["skipped"] if history else 0,
+                     "pairs_per_s": round(sum(h["pairs"] for h in history) / max(
+                         1e-9, sum(h["pairs"] / h["pairs_per_s"] for h in history)), 2),
                      "seconds": round(time.perf_counter() - t0, 2)}, "the training summary"))
     return 0
 
