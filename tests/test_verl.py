@@ -10,7 +10,9 @@ loader, `compute_advantage`, the HF forwards' fused path) in this process.
 import asyncio
 import importlib.metadata
 import logging
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -415,6 +417,15 @@ def test_compute_score_through_verls_naive_manager(verl, model_dir, rm):
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
+def test_compute_score_errors(verl):
+    from erm.integrations.verl import compute_score
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['dense'\]"):
+        asyncio.run(compute_score("erm", "4.", "", {"prompt": "2+2?"}, dense=True))
+    with pytest.raises(ValueError, match="compute_score needs the prompt"):
+        asyncio.run(compute_score("erm", "4.", "", {"answer": "4"}))
+
+
 # ------------------------------------------------------------------------------ fused kernels
 def _tiny_hidden():
     model, tok = tiny_model_and_tokenizer("qwen2", seed=5)
@@ -462,6 +473,21 @@ def test_patched_fused_path_equals_verls_torch_backend(verl):
         torch.testing.assert_close(f.to(w.dtype), w, rtol=1e-5, atol=1e-5)
     assert got[0].dtype == torch.float32 and (got[0] <= 0).all()
     torch.testing.assert_close(lp_sum, want[0].sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_plugin_patches_verls_workers_when_asked(verl):
+    code = ("import sys; sys.path.append(sys.argv[1]); import verl; "
+            "import verl.utils.experimental.torch_functional as tf, "
+            "verl.utils.kernel.linear_cross_entropy as lce; "
+            "print(tf.FusedLinearForPPO.__module__, "
+            "getattr(lce.linear_cross_entropy, '__module__', None) or 'verl.utils.kernel')")
+    for flag, want in (("1", "erm.integrations.verl_kernels"), ("", "verl.utils")):
+        env = {**os.environ, "ERM_VERL_KERNELS": flag, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code, str(PEER)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split() and all(m.startswith(want) for m in out.stdout.split()), \
+            out.stdout
 
 
 def test_hf_forward_with_the_fused_path_uses_erm(verl):

@@ -66,9 +66,11 @@ from .. import lm
 from ..model import reduce_rewards
 from .verl_kernels import ErmFusedLinearForPPO, erm_linear_cross_entropy, use_erm_kernels
 
+# (EndogenousRewardManager, DenseAgentLoopManager and DenseAgentLoopWorker are here too, built
+# from verl's classes when first asked for: see `__getattr__`)
 __all__ = ["compute_score", "use_erm_kernels", "erm_linear_cross_entropy",
            "ErmFusedLinearForPPO", "reward_options", "scorer_for", "LocalScorer", "RemoteScorer",
-           "Batcher", "EndogenousRewardManager", "DenseAgentLoopManager", "DENSE_KEY"]
+           "Batcher", "chat_of", "token_positions", "dense_scores", "DENSE_KEY", "OPTIONS"]
 
 log = logging.getLogger("erm.integrations.verl")
 
@@ -191,8 +193,6 @@ class LocalScorer:
     `await response_reward(prompt, text, terminated)`: (Σ r_t, number of tokens) of a text pair.
     """
 
-    remote = False
-
     def __init__(self, rm, *, max_wait_s: float = 0.005):
         self.rm = rm
         self.tokenizer = rm.tokenizer
@@ -219,7 +219,6 @@ class RemoteScorer:
     concurrent requests. `await response_reward(prompt, text, terminated)` gives
     (Σ r_t, number of tokens, per-token rewards as the server tokenizes the text)."""
 
-    remote = True
     tokenizer = None
 
     def __init__(self, url: str, *, batch_size: int = 8, max_wait_s: float = 0.005,

@@ -19,7 +19,7 @@ ERM_VERL_KERNELS='"1"'`): erm's verl plugin, which verl imports in every process
 `use_erm_kernels()` itself.
 """
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -155,7 +155,3 @@ def use_erm_kernels(enable: bool = True) -> List[str]:
             done.append(f"{module.__name__}.{name}")
     return done
 
-
-def patched() -> Optional[List[str]]:
-    """The dotted names `use_erm_kernels` has patched and not restored (None: none)."""
-    return [f"{m}.{n}" for m, n in _ORIGINALS] or None
