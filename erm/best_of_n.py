@@ -192,7 +192,8 @@ def subset_top1(scores: Sequence[float], correct: Sequence[bool], k: int, *, dra
     else:
         rng = rng or random.Random(0)
         subsets = [rng.sample(range(n), k) for _ in range(draws)]
-    return sum(top1([scores[i] for i in s], [correct[i] for i in s]) for s in subsets) / len(subsets)
+    wins = [top1([scores[i] for i in s], [correct[i] for i in s]) for s in subsets]
+    return sum(wins) / len(wins)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -131,10 +131,10 @@ def run_bench(args, rm, srm, methods, bench) -> int:
     if args.plot:
         with atomic_output(args.plot) as tmp:
             if kind == "rmbench":
-                rmbench.plot_report(rep, tmp, title=f"RM-Bench on {source} ({rep['n']} prompts), "
-                                                    f"{label}")
+                rmbench.plot_report(rep, tmp, title=f"RM-Bench on {source} ({rep['n']} prompts)"
+                                                    f"\n{label}")
             else:
                 best_of_n.plot_curves(rep, tmp, title=f"Best-of-k on {source} ({rep['n']} "
-                                                      f"prompts), {label}")
+                                                      f"prompts)\n{label}")
         log(args, f"wrote {args.plot}")
     return 0
