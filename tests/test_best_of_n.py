@@ -221,3 +221,23 @@ def test_eval_best_of_n_file_errors(tmp_path, capsys):
     rc, printed, err = _run(["eval", "--data", str(good), "--methods", "length"], capsys)
     assert rc == 0 and "Oracle" in printed
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl"]
+
+
+def test_reduction_option_on_pairs_and_rewardbench(tmp_path, model_dir, capsys):
+    from erm.cli.eval_bench import with_reduction
+    assert with_reduction("endorm_sum,endorm_mean,judge", "mean") == "endorm_mean,judge"
+    assert with_reduction("length,endorm_mean", "sum") == "length,endorm_sum"
+    assert with_reduction("endorm_sum,length", None) == "endorm_sum,length"
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "4.",
+                                               "rejected": "5."}])
+    out = tmp_path / "r.json"
+    rc, _, err = _run(["eval", "--data", str(pairs), "--model", model_dir, "--methods",
+                       "endorm_sum,length", "--reduction", "mean", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert list(json.loads(out.read_text())["methods"]) == ["endorm_mean", "length"]
+    rb = _jsonl(tmp_path / "rb.jsonl", [{"prompt": "2+2?", "chosen": "4.", "rejected": "5.",
+                                         "subset": "math-prm"}])
+    rc, _, err = _run(["eval", "--data", str(rb), "--model", model_dir, "--reduction", "mean",
+                       "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["reduction"] == "mean"
