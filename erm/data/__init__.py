@@ -1,6 +1,8 @@
 """erm's data: the readers of preference pairs and scoring records (`erm.data.readers`), and the
 built-in files next to this module (``pairs.jsonl``, the sample `erm eval` reads by default;
-``arithmetic.jsonl``, the RL prompts of `erm.tasks`).
+``arithmetic.jsonl``, the RL prompts of `erm.tasks`; ``best_of_n.jsonl`` and
+``rmbench_demo.jsonl``, the demonstration files of `erm.best_of_n` and `erm.rmbench`, which
+`erm eval --sample best-of-n` / `--sample rmbench` reads).
 
     from erm.data import load_pairs, load_records
     pairs = load_pairs("pairs.jsonl")
