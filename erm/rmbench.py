@@ -1,10 +1,10 @@
 """RM-Bench files: does a reward model prefer the correct response whatever its style?
 
     from erm import rmbench
-    data = rmbench.load("total_dataset.json")          # JSON array, JSONL (plain or .gz), Parquet
-    rep = rmbench.evaluate(rm, data)                    # every method's 3×3 matrices
+    items = rmbench.load("total_dataset.json")         # JSON array, JSONL (plain or .gz), Parquet
+    rep = rmbench.evaluate(rm, items, methods=("endorm_sum", "judge"))  # 3×3 matrices per method
     print(rmbench.format_table(rep))
-    rmbench.write_rmbench_json(rep, "results.json", method="endorm_sum")
+    rmbench.write_rmbench_json(items, rep, "results.json", method="endorm_sum")  # run_rm.py's file
 
 Format (RM-Bench, THU-KEG/RM-Bench): one record per prompt, ``{"id", "prompt", "chosen": [3],
 "rejected": [3], "domain"}`` (``"subset"`` is read when there is no ``"domain"``); the three
