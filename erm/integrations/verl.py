@@ -30,8 +30,8 @@ is built, before the first batch.
 Dense rewards need the agent-loop manager above: verl 0.9.1's own agent loop takes one number per
 response and puts it on the last token (`dense=False` works with it as is). The rewards are then
 `rm_scores`, `token_level_scores` and (without a KL penalty in the reward) `token_level_rewards`;
-`gae`, `reinforce_plus_plus` and `reinforce_plus_plus_baseline` use them per token, while `grpo`,
-`rloo`, `remax` and the other outcome estimators sum them per response.
+`gae`, `reinforce_plus_plus` and `remax` use them per token, while `grpo`, `rloo`,
+`reinforce_plus_plus_baseline` and the other outcome estimators sum them per response.
 
 Where the reward model shares the policy's tokenizer the rewards align token for token with
 verl's response ids (nothing is re-tokenized; a response that ends with an end token is a finished
