@@ -117,6 +117,17 @@ def test_reads_json_array_jsonl_and_gzip(tmp_path):
     assert rmbench.load(_write_jsonl(tmp_path / "s.jsonl", [sub]))[0].domain == "math"
 
 
+def test_reads_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    recs = [_rec(0, "code"), _rec(1, "safety-response")]
+    path = tmp_path / "rm.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), str(path))
+    items = rmbench.try_load(path)
+    assert [it.domain for it in items] == ["code", "safety-response"]
+    assert items[1].rejected == recs[1]["rejected"] and "row 2" in items[1].where
+
+
 def test_other_formats_are_not_rmbench(tmp_path):
     user = {"role": "user", "content": "Hi?"}
     trl = {"chosen": [user, {"role": "assistant", "content": "Hello."}],
