@@ -10,6 +10,7 @@ frozen-backbone cache, sharded evaluation, checkpoints (`erm.srm_checkpoint`) an
 import copy
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -192,8 +193,8 @@ class Trainer:
                                seconds=time.perf_counter() - t0)
                     self.history.append(rec)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
-                                    pairs_s=f"{rec['pairs_per_s']:.1f}")
+                    bar.set_postfix(loss=rec["loss"], acc=rec["accuracy"],
+                                    pairs_s=rec["pairs_per_s"])
                     if g == self.steps_per_epoch - 1:
                         self._end_epoch(epoch, step)
                     if self.save_every and step % self.save_every == 0 and step < self.total:
@@ -204,7 +205,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, step: int) -> None:
         summary = {"epoch": epoch, "step": step}
-        recs = [h for h in self.history if h["epoch"] == epoch and "pairs" in h]
+        recs = [h for h in self.history if h["epoch"] == epoch and h.get("loss") is not None]
         n = sum(h["pairs"] for h in recs)
         summary["loss"] = sum(h["loss"] * h["pairs"] for h in recs) / max(1, n)
         if self.held_ex is not None:
@@ -247,15 +248,21 @@ class Trainer:
         loss, hits, margin, pairs = dp.all_sum(sums, self.rm.device)
         norm = par.finite_norm(self.params, cfg["max_grad_norm"])
         lr = self.opt.param_groups[0]["lr"]
-        if math.isfinite(loss) and math.isfinite(norm):
+        ok = math.isfinite(loss) and math.isfinite(norm)
+        if ok:
             self.opt.step()
         else:
             self.skipped += 1
-        self.sched.step()
+        with warnings.catch_warnings():  # a skipped first step: the order warning is moot
+            warnings.simplefilter("ignore", UserWarning)
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         secs = max(time.perf_counter() - t0, 1e-9)
-        return {"loss": loss / pairs, "accuracy": hits / pairs, "margin": margin / pairs,
-                "lr": lr, "grad_norm": norm, "pairs": int(pairs), "pairs_per_s": pairs / secs}
+        rec = {"loss": loss / pairs, "accuracy": hits / pairs, "margin": margin / pairs,
+               "lr": lr, "grad_norm": norm, "pairs": int(pairs), "pairs_per_s": pairs / secs}
+        # JSON has no NaN: a skipped step's non-finite values are None
+        return {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                for k, v in rec.items()}
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
