@@ -370,6 +370,10 @@ def test_bad_configuration_fails_at_start_up(verl, model_dir, tmp_path):
         load_reward_manager(_config(model_dir, modle="x"), tok)
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         load_reward_manager(_config(model_dir, reduction="max"), tok)
+    with pytest.raises(ValueError, match="alpha must be a positive number, got 0"):
+        load_reward_manager(_config(model_dir, alpha=0), tok)
+    with pytest.raises(TypeError, match="dense must be true or false"):
+        load_reward_manager(_config(model_dir, dense="yes"), tok)
     with pytest.raises(ValueError, match=r"reward_kwargs.model=.*cannot be loaded"):
         load_reward_manager(_config(tmp_path / "no-such-model"), tok)
     cfg = _config(model_dir)

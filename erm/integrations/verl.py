@@ -87,6 +87,7 @@ OPTIONS: Dict[str, Any] = {
 }
 _STR = ("model", "url", "system_prompt", "device", "dtype")
 _NUM = ("alpha", "gamma", "max_wait_ms", "timeout")
+_POSITIVE = ("alpha", "timeout")
 _INT = ("batch_size", "max_length")
 
 
@@ -113,8 +114,10 @@ def reward_options(kwargs, *, what: str = "reward.reward_kwargs", dense: bool = 
         if opts[k] is not None and not isinstance(opts[k], str):
             raise TypeError(f"{what}.{k} must be a string or null, got {opts[k]!r}")
     for k in _NUM:
-        if isinstance(opts[k], bool) or not isinstance(opts[k], (int, float)) or opts[k] < 0:
-            raise ValueError(f"{what}.{k} must be a non-negative number, got {opts[k]!r}")
+        low = "a positive" if k in _POSITIVE else "a non-negative"
+        if isinstance(opts[k], bool) or not isinstance(opts[k], (int, float)) or opts[k] < 0 \
+                or (k in _POSITIVE and opts[k] == 0):
+            raise ValueError(f"{what}.{k} must be {low} number, got {opts[k]!r}")
         opts[k] = float(opts[k])
     for k in _INT:
         if isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] < 1:
