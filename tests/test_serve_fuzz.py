@@ -1,8 +1,10 @@
 """erm serve driven by generated bodies (hypothesis, derandomized: the same cases every run, a
 bounded number of them, each test stopping early past a time budget), on one server over loopback
-HTTP: every answer is a 2xx equal to scoring in-process — `EndoRM.score` for /score, the
-documented tokenization of /get_reward scored one pair at a time — or a 4xx with a message, never
-a 5xx or a hang; afterwards the server still answers, and correctly."""
+HTTP: every answer is a 2xx equal to scoring in-process (for /score, `EndoRM.response_rewards`
+reduced as `EndoRM.score` does; for /get_reward, its documented tokenization scored one pair at a
+time) or a 4xx with a message, never a 5xx or a hang; afterwards the server still answers, and
+correctly. Bodies mix good items with a bad one (a lone surrogate, a control character, special
+token text, a response too long), junk values, broken JSON and deep nesting."""
 import json
 import time
 import warnings
@@ -13,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import erm.model
 from erm import lm
 from tests.test_serve import _close, rm  # noqa: F401  (rm: the fixture)
 
@@ -143,16 +146,16 @@ raw_bodies = st.one_of(
 
 # ------------------------------------------------------------------------------- references
 def _score_reference(rm, body):
-    """(rewards, prompt_truncated) of a /score body scored in-process."""
+    """(rewards, sum rewards, prompt_truncated) of a /score body scored in-process."""
     term = body.get("terminated", True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lm.TruncationWarning)
-        want = rm.score(body["prompts"], body["responses"], reduction=body.get("reduction", "sum"),
-                        terminated=term)
+        sums, n = rm.response_rewards(body["prompts"], body["responses"], terminated=term)
+    want = erm.model.reduce_rewards(sums, n, body.get("reduction", "sum"))
     flags = term if isinstance(term, list) else [term] * len(body["responses"])
     cut = [rm.encode(p, r, terminated=t).n_cut > 0
            for p, r, t in zip(body["prompts"], body["responses"], flags)]
-    return want.tolist(), cut
+    return want.tolist(), sums.tolist(), cut
 
 
 def _get_reward_reference(rm, body):
@@ -185,11 +188,9 @@ def _check(rm, srv, client, path: str, raw: bytes):
         return
     body, out = json.loads(raw), r.json()
     if path == "/score":
-        want, cut = _score_reference(rm, body)
+        want, sums, cut = _score_reference(rm, body)
         assert out["prompt_truncated"] == cut
         if body.get("token_rewards"):
-            sums = rm.score(body["prompts"], body["responses"],
-                            terminated=body.get("terminated", True)).tolist()
             assert _close([sum(t) for t in out["token_rewards"]], sums)
     else:
         want = _get_reward_reference(rm, body)
