@@ -11,12 +11,12 @@ and puts the per-token rewards r_t on the response tokens:
     reward.reward_manager.name=erm
     +reward.reward_kwargs.model=/path/to/causal-lm      # or url=http://host:8000 (erm serve)
     reward.num_workers=1                                # one model copy per reward worker
-    actor_rollout_ref.rollout.agent.agent_loop_manager_class=erm.integrations.verl.DenseAgentLoopManager
     trainer.use_v1=False
 
-or, without the entry point, `reward.reward_manager.source=importlib`,
-`reward.reward_manager.name=EndogenousRewardManager` and
-`reward.reward_manager.module.path=pkg://erm.integrations.verl`.
+with `actor_rollout_ref.rollout.agent.agent_loop_manager_class` set to
+`erm.integrations.verl.DenseAgentLoopManager`; or, without the entry point,
+`reward.reward_manager.source=importlib`, `reward.reward_manager.name=EndogenousRewardManager`
+and `reward.reward_manager.module.path=pkg://erm.integrations.verl`.
 
 Options (`reward.reward_kwargs`, all optional): `model` (a local model directory or `.gguf`;
 unset: the embedded SmolLM2-135M-Instruct) or `url` (an `erm serve` base URL, which then does the
@@ -92,7 +92,8 @@ _INT = ("batch_size", "max_length")
 
 
 def reward_options(kwargs, *, what: str = "reward.reward_kwargs", dense: bool = True) -> dict:
-    """The options of `kwargs` (a dict or an OmegaConf mapping; None: none) over `OPTIONS`' defaults.
+    """The options of `kwargs` (a dict or an OmegaConf mapping; None: none) over the defaults
+    of `OPTIONS`.
 
     Args:
         kwargs: the options given.

@@ -1,6 +1,6 @@
-"""Dense rewards through verl's agent loop: `DenseAgentLoopManager`, for
-`actor_rollout_ref.rollout.agent.agent_loop_manager_class=erm.integrations.verl.DenseAgentLoopManager`
-(verl's V0 trainer, `trainer.use_v1=False`).
+"""Dense rewards through verl's agent loop: `DenseAgentLoopManager` (verl's V0 trainer,
+`trainer.use_v1=False`, with `actor_rollout_ref.rollout.agent.agent_loop_manager_class` set to
+`erm.integrations.verl.DenseAgentLoopManager`).
 
 verl 0.9.1's agent-loop worker asks a reward worker for each finished trajectory's reward and
 puts that one number on the trajectory's last response token. With erm's reward manager in dense
