@@ -63,7 +63,8 @@ def sometimes(one_in=8):
     return rare(st.just(True), st.just(False), one_in)
 
 
-_SAFE = ["a", "b", " ", "\n", "Paris", "It is 4.", "é", "中文", "🙂", "\t", "{", '"', "\\", "?"]
+_SAFE = ["a", "b", " ", "\n", "Paris", "It is 4.", "é", "中文", "🙂", "\t", "{", '"', "\\",
+         "?"]
 _RISKY = ["\ud800", "\udfff", "\x00", "<|im_end|>", "<|im_start|>", "<pad>", "<|endoftext|>",
           "\u200b", "\r\n"]
 safe_texts = st.lists(st.sampled_from(_SAFE), max_size=10).map("".join)

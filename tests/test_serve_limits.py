@@ -78,7 +78,8 @@ class Gated:
     responses it encodes."""
 
     def __init__(self, rm):
-        self.rm, self.entered, self.gate, self.encoded = rm, threading.Event(), threading.Event(), []
+        self.rm, self.encoded = rm, []
+        self.entered, self.gate = threading.Event(), threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.rm, name)
@@ -262,6 +263,7 @@ def test_a_slow_body_times_out(rm):
         sock = _raw(url, _half_body())
         t0 = time.monotonic()
         answer = _read_until_closed(sock)     # the server answers, then closes
+        sock.close()
         assert b" 408 " in answer.split(b"\r\n")[0] and b"read_timeout" in answer, answer
         assert time.monotonic() - t0 < 4
         assert httpx.post(url + "/score", json=OK, timeout=5).status_code == 200
