@@ -479,6 +479,49 @@ def test_patched_fused_path_equals_verls_torch_backend(verl):
     torch.testing.assert_close(lp_sum, want[0].sum(), rtol=1e-5, atol=1e-4)
 
 
+def _tp_worker(rank, world, port):
+    """One tensor-parallel rank: erm's linear_cross_entropy on this rank's rows of the LM head
+    (Megatron's even split) equals the whole-vocabulary result, gradients included."""
+    import os as _os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from erm.integrations.verl_kernels import erm_linear_cross_entropy
+
+    _os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(0)
+        h0, w0 = torch.randn(2, 7, 24, generator=g), torch.randn(64, 24, generator=g) * 0.5
+        t = torch.randint(0, 64, (2, 7), generator=g)
+        rows = slice(rank * 32, rank * 32 + 32)
+
+        def run(w, group):
+            h, w = h0.clone().requires_grad_(), w.clone().requires_grad_()
+            lp, ent = erm_linear_cross_entropy(h, w, t, 0.8, "none", group)
+            (lp.sum() + 0.3 * ent.sum()).backward()
+            return lp, ent, h.grad, w.grad
+
+        full = run(w0, None)
+        part = run(w0[rows], dist.group.WORLD)
+        for a, b in zip(part, (*full[:3], full[3][rows])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _os._exit(0)
+
+
+def test_vocab_parallel_linear_cross_entropy_equals_one_process():
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
 def test_the_plugin_patches_verls_workers_when_asked(verl):
     code = ("import sys; sys.path.append(sys.argv[1]); import verl; "
             "import verl.utils.experimental.torch_functional as tf, "
