@@ -182,7 +182,7 @@ def test_reward_worker_gives_endorm_token_rewards(verl, model_dir, rm):
 
     rollouts = _rollouts(rm, rm.model)
     data = _data_proto(rollouts, rm.tokenizer.pad_token_id)
-    worker = _worker(verl, _config(model_dir, batch_size=8, max_wait_ms=50))
+    worker = _worker(verl, _config(model_dir, batch_size=8, max_wait_ms=200))
     assert isinstance(worker.reward_manager, EndogenousRewardManager)
     assert worker.reward_manager.same_tokenizer
     batches = worker.reward_manager.scorer._tokens.batches
@@ -401,7 +401,7 @@ def test_compute_score_through_verls_naive_manager(verl, model_dir, rm):
     cfg.reward.custom_reward_function = {
         "path": "pkg://erm.integrations.verl", "name": "compute_score",
         "reward_kwargs": {"model": str(model_dir), "dtype": "float32", "device": "cpu",
-                          "max_wait_ms": 50.0}}
+                          "max_wait_ms": 1000.0}}
     manager = load_reward_manager(cfg, rm.tokenizer)
     texts = [c for c in CASES if c[2]]
     data = _data_proto([(m, [1], rm.tokenizer(t, add_special_tokens=False)["input_ids"], True)
