@@ -277,7 +277,9 @@ def test_half_sent_bodies_do_not_hold_up_shutdown(rm):
     assert time.monotonic() - t0 < 5
     with pytest.raises(OSError):                  # it no longer listens
         _raw(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    for s in socks:
+    for s in socks:                               # each was told, then closed
+        answer = _read_until_closed(s)
+        assert b" 503 " in answer.split(b"\r\n")[0] and b"shutting down" in answer, answer
         s.close()
 
 

@@ -51,7 +51,7 @@ def _wait_ms(text: str) -> float:
     return _number(text)
 
 
-def _seconds(text: str) -> float:
+def _positive(text: str) -> float:
     return _number(text, strict=True)
 
 
@@ -80,19 +80,19 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--docs", action="store_true",
                    help="serve the API's /docs and /openapi.json (off by default)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-body-mb", type=_seconds, default=MAX_BODY_BYTES / 2 ** 20,
+    lim.add_argument("--max-body-mb", type=_positive, default=MAX_BODY_BYTES / 2 ** 20,
                      metavar="MIB", help="largest request body in MiB; larger: 413 (default 16)")
     lim.add_argument("--max-pairs", type=_positive_int, default=MAX_PAIRS, metavar="N",
                      help=f"most pairs in one request; more: 413 (default {MAX_PAIRS})")
     lim.add_argument("--max-queue", type=_positive_int, default=MAX_QUEUE, metavar="N",
                      help="most pairs waiting to be scored; a request that would go over gets "
                           f"429 with Retry-After (default {MAX_QUEUE})")
-    lim.add_argument("--read-timeout", type=_seconds, default=READ_TIMEOUT, metavar="S",
+    lim.add_argument("--read-timeout", type=_positive, default=READ_TIMEOUT, metavar="S",
                      help="seconds a client has to send its whole body; slower: 408 and the "
                           f"connection closed (default {READ_TIMEOUT:g})")
-    lim.add_argument("--shutdown-timeout", type=_seconds, default=SHUTDOWN_TIMEOUT, metavar="S",
+    lim.add_argument("--shutdown-timeout", type=_positive, default=SHUTDOWN_TIMEOUT, metavar="S",
                      help="on SIGTERM, seconds to answer the requests already received before "
-                          f"the rest are dropped (default {SHUTDOWN_TIMEOUT:g})")
+                          f"the rest get 503 (default {SHUTDOWN_TIMEOUT:g})")
 
 
 def server_kwargs(args) -> dict:

@@ -138,6 +138,9 @@ def make_app(rm, *, api_key: Optional[str] = None, docs: bool = False,
             log.info("%s from %s: %s", path, f"{client.host}:{client.port}" if client else "?",
                      exc)
             return Response(status_code=499)  # nobody reads it
+        except asyncio.CancelledError:  # uvicorn ends what the shutdown drain did not finish
+            log.info("%s: dropped at shutdown (shutdown_timeout)", path)
+            return JSONResponse({"detail": "the server is shutting down"}, 503, _CLOSE)
 
     @app.get("/health")
     async def health():
@@ -210,7 +213,7 @@ def serve(rm, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "wa
     """Serve `rm` (an EndoRM, a callable returning one, or a `RewardServer`) until SIGTERM /
     Ctrl-C; returns the exit status (1 when the model failed to load). `announce(url)` is called
     once the port is bound (port 0 picks a free one). On SIGTERM the requests already received
-    are answered for at most `shutdown_timeout` seconds, then the rest are dropped. Other keyword
+    are answered for at most `shutdown_timeout` seconds, then the rest get 503. Other keyword
     arguments as in `make_app` and `RewardServer`; warns on stderr when `host` is not a loopback
     address and there is no `api_key`."""
     _positive(shutdown_timeout, "shutdown_timeout")
