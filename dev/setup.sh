@@ -33,7 +33,7 @@ if [ ! -f "$stamp" ]; then
     ray==2.60.0 tensordict==0.10.0 pyvers==0.2.3 cloudpickle==3.1.3 omegaconf==2.3.0 \
     antlr4-python3-runtime==4.9.3 hydra-core==1.3.8 codetiming==1.4.0 orjson==3.13.0 \
     msgpack==1.2.4 protobuf==7.36.2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
-    referencing==0.37.0 rpds-py==2026.9.1 torchdata==0.11.0 peft==0.21.2 cachetools==8.0.3
+    referencing==0.37.0 rpds-py==2026.9.1 torchdata==0.11.0 cachetools==8.0.3
   # The CUDA extension is built at install time only where a GPU is present; CI compiles it in
   # tests/test_cuda_ext.py instead. ERM_BUILD_CUDA=1 forces it.
   if [ -z "${ERM_BUILD_CUDA:-}" ] && ! nvidia-smi >/dev/null 2>&1; then export ERM_BUILD_CUDA=0; fi

@@ -259,10 +259,13 @@ def test_erm_serve_does_the_scoring(verl, model_dir, rm):
     rollouts = _rollouts(rm)
     data = _data_proto(rollouts, rm.tokenizer.pad_token_id)
     per_token, _ = _expected(rm, rollouts)
-    with running(rm) as url:
+    with running(rm, api_key="s3cret") as url:
         cfg = _config(model_dir)
-        cfg.reward.reward_kwargs = {"url": url}
+        cfg.reward.reward_kwargs = {"url": url, "api_key": "s3cret"}
         rm_scores, _ = _rm_scores(_worker(verl, cfg), data)
+        cfg.reward.reward_kwargs = {"url": url, "api_key": "wrong"}
+        with pytest.raises(RuntimeError, match="answered 401"):
+            _worker(verl, cfg)
     for i, (_, _, resp, _) in enumerate(rollouts):
         torch.testing.assert_close(rm_scores[i, :len(resp)], per_token[i], rtol=1e-5,
                                    atol=1e-5)

@@ -23,7 +23,8 @@ unset: the embedded SmolLM2-135M-Instruct) or `url` (an `erm serve` base URL, wh
 scoring), `system_prompt`, `alpha`, `gamma`, `reduction` ("sum" | "mean": the per-token rewards
 divided by the response length, so that they sum to the mean), `dense` (True; False puts the
 whole response reward on the last token), `batch_size`, `max_length`, `max_wait_ms` (how long a
-request waits for others to batch with), `device`, `dtype`, `timeout` (seconds, for `url`). An
+request waits for others to batch with), `device`, `dtype`, `timeout` (seconds, for `url`),
+`api_key` (for a server started with `--api-key`; unset: $ERM_API_KEY, else none). An
 unknown option, a model that cannot be loaded and an unreachable URL are errors when the manager
 is built, before the first batch.
 
@@ -53,6 +54,7 @@ Fused log-probs and entropies in verl's actor (`actor_rollout_ref.model.use_fuse
 import asyncio
 import json
 import logging
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -83,9 +85,9 @@ DENSE_KEY = "erm_token_rewards"
 OPTIONS: Dict[str, Any] = {
     "model": None, "url": None, "system_prompt": None, "alpha": 1.0, "gamma": 1.0,
     "reduction": "sum", "dense": True, "batch_size": 8, "max_length": 2048, "max_wait_ms": 5.0,
-    "device": None, "dtype": None, "timeout": 60.0,
+    "device": None, "dtype": None, "timeout": 60.0, "api_key": None,
 }
-_STR = ("model", "url", "system_prompt", "device", "dtype")
+_STR = ("model", "url", "system_prompt", "device", "dtype", "api_key")
 _NUM = ("alpha", "gamma", "max_wait_ms", "timeout")
 _POSITIVE = ("alpha", "timeout")
 _INT = ("batch_size", "max_length")
@@ -219,23 +221,29 @@ class LocalScorer:
 
 
 class RemoteScorer:
-    """The endogenous reward from an `erm serve` server (its `/score` endpoint), batched across
-    concurrent requests. `await response_reward(prompt, text, terminated)` gives
+    """The endogenous reward from an `erm serve` server (its `/score` endpoint, with
+    `Authorization: Bearer <api_key>` when one is given), batched across concurrent requests;
+    building one asks /health and scores one small pair, so a bad URL or key fails here. `await response_reward(prompt, text, terminated)` gives
     (Σ r_t, number of tokens, per-token rewards as the server tokenizes the text)."""
 
     tokenizer = None
 
     def __init__(self, url: str, *, batch_size: int = 8, max_wait_s: float = 0.005,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, api_key: Optional[str] = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self.health = self._request("GET", "/health", None)
+        # one small pair now: a wrong API key or a server that cannot score fails here
+        self._score_texts([("Say yes.", "Yes.", True)])
         self._texts = Batcher(self._score_texts, batch_size, max_wait_s)
 
     def _request(self, method: str, path: str, body: Optional[dict]) -> dict:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=self._headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read().decode())
@@ -271,6 +279,7 @@ def scorer_for(opts: dict, *, what: str = "reward.reward_kwargs"):
     Raises:
         ValueError: the model cannot be loaded (naming the option).
         ConnectionError: the `url` cannot be reached.
+        RuntimeError: the server refuses to score (a wrong `api_key`: its 401 answer).
     """
     key = tuple(sorted((k, v) for k, v in opts.items() if k not in ("dense", "reduction")))
     with _SCORERS_LOCK:
@@ -278,8 +287,10 @@ def scorer_for(opts: dict, *, what: str = "reward.reward_kwargs"):
             return _SCORERS[key]
         wait = opts["max_wait_ms"] / 1000.0
         if opts["url"] is not None:
+            key = opts["api_key"] if opts["api_key"] is not None else \
+                os.environ.get("ERM_API_KEY") or None
             scorer = RemoteScorer(opts["url"], batch_size=opts["batch_size"], max_wait_s=wait,
-                                  timeout=opts["timeout"])
+                                  timeout=opts["timeout"], api_key=key)
         else:
             from ..model import EndoRM
 
