@@ -126,7 +126,7 @@ def make_app(rm, *, api_key: Optional[str] = None, docs: bool = False,
         try:
             if api_key is not None and not _authorized(request.headers, api_key):
                 raise RequestError("missing or wrong API key: send 'Authorization: Bearer "
-                                   "<key>'", 401, {"WWW-Authenticate": "Bearer"})
+                                   "<key>'", 401, {"WWW-Authenticate": "Bearer", **_CLOSE})
             raw = await read_body(request.receive, request.headers, max_body_bytes,
                                   read_timeout)
             job = job_of(parse_json(raw))
