@@ -107,9 +107,12 @@ class _Scorer:
         return enc
 
     def _encode_score(self, job: Job) -> List[lm.Encoded]:
-        return [self._check_cut(self._item("pair", i, lambda: self.rm.encode(p, r, terminated=t)),
-                                i)
-                for i, (p, r, t) in enumerate(zip(job.prompts, job.responses, job.terminated))]
+        """Each pair as the assistant turn after its prompt (`EndoRM.encode`)."""
+        encs = []
+        for i, (p, r, t) in enumerate(zip(job.prompts, job.responses, job.terminated)):
+            enc = self._item("pair", i, lambda: self.rm.encode(p, r, terminated=t))
+            encs.append(self._check_cut(enc, i))
+        return encs
 
     def _encode_one_raw(self, p: str, r: str) -> Optional[lm.Encoded]:
         rm, tok = self.rm, self.rm.tokenizer
@@ -279,6 +282,8 @@ class RewardServer:
                 type(self.rm.model).__name__
 
     async def start(self):
+        """Start the worker thread (loading the model there when `rm` is a loader) and the
+        batching task, on the running event loop."""
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erm-serve")
         self._queue = asyncio.Queue()
