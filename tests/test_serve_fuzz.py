@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 from erm.serve import RewardServer, running  # noqa: E402
 
 BUDGET_S = 8.0          # per test: examples past it pass without a request
-SEEN: Counter = Counter()
+SEEN: Counter = Counter()   # (test, status // 100) -> answers
 
 
 def _settings(n):
@@ -53,14 +53,14 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------- strategies
-def rare(bad, good, one_in=8):
-    """`bad` about one time in `one_in`, else `good` (hypothesis leans towards the smallest
-    integer, so the rare case is a middle one)."""
-    return st.integers(0, one_in - 1).flatmap(lambda k: bad if k == one_in // 2 else good)
+def sometimes(bits=3):
+    """True about one time in 2**bits (all of `bits` coin flips)."""
+    return st.tuples(*[st.booleans()] * bits).map(all)
 
 
-def sometimes(one_in=8):
-    return rare(st.just(True), st.just(False), one_in)
+def rare(bad, good, bits=3):
+    """`bad` about one time in 2**bits, else `good`."""
+    return sometimes(bits).flatmap(lambda b: bad if b else good)
 
 
 _SAFE = ["a", "b", " ", "\n", "Paris", "It is 4.", "é", "中文", "🙂", "\t", "{", '"', "\\",
@@ -70,24 +70,24 @@ _RISKY = ["\ud800", "\udfff", "\x00", "<|im_end|>", "<|im_start|>", "<pad>", "<|
 safe_texts = st.lists(st.sampled_from(_SAFE), max_size=10).map("".join)
 risky_texts = st.tuples(safe_texts, st.sampled_from(_RISKY), safe_texts).map("".join)
 long_texts = st.integers(20, 300).map(lambda k: "word " * k)              # cut, or refused
-texts = rare(long_texts, rare(risky_texts, safe_texts, 4), 12)
+texts = rare(long_texts, rare(risky_texts, safe_texts), 4)
 junk = st.one_of(st.none(), st.integers(-2, 2), st.floats(allow_nan=False), st.booleans(),
                  st.dictionaries(st.sampled_from(["role", "content", "x"]), texts, max_size=2),
                  st.lists(st.integers(), max_size=2))
 roles = rare(st.one_of(texts, st.integers()), st.sampled_from(["user", "system", "assistant"]))
 messages = rare(junk, st.fixed_dictionaries({"role": roles, "content": texts},
-                                            optional={"name": texts}), 12)
-prompts = rare(junk, st.one_of(texts, st.lists(messages, min_size=1, max_size=3)), 12)
-responses = rare(st.one_of(junk, texts), texts.map(lambda t: t if t.strip() else t + "ok"), 12)
+                                            optional={"name": texts}), 4)
+prompts = rare(junk, st.one_of(texts, st.lists(messages, min_size=1, max_size=3)), 4)
+responses = rare(st.one_of(junk, texts), texts.map(lambda t: t if t.strip() else t + "ok"), 4)
 
 
 @st.composite
 def score_bodies(draw):
-    n = draw(st.integers(0, 7))
+    n = draw(rare(st.just(0), st.integers(1, 7), 4))
     m = draw(st.integers(0, 7)) if draw(sometimes()) else n
     body = {"prompts": draw(st.lists(prompts, min_size=n, max_size=n)),
             "responses": draw(st.lists(responses, min_size=m, max_size=m))}
-    if m and draw(sometimes(3)):        # one bad item among good ones
+    if m and draw(sometimes(2)):        # one bad item among good ones
         body["responses"][draw(st.integers(0, m - 1))] = draw(st.one_of(risky_texts, long_texts))
     if draw(st.booleans()):
         body["reduction"] = draw(rare(st.sampled_from(["max", 1, None]),
@@ -98,9 +98,9 @@ def score_bodies(draw):
                                            st.booleans(), min_size=n, max_size=n))))
     if draw(st.booleans()):
         body["token_rewards"] = draw(rare(junk, st.booleans()))
-    if draw(sometimes(12)):
+    if draw(sometimes(3)):
         body[draw(st.sampled_from(["temperature", "labels", "query"]))] = draw(junk)
-    if draw(sometimes(16)):
+    if draw(sometimes(4)):
         return draw(st.one_of(junk, st.lists(junk, max_size=2)))
     return body
 
@@ -111,25 +111,25 @@ def _chatml(text: str) -> str:
 
 @st.composite
 def get_reward_bodies(draw):
-    n = draw(st.integers(0, 7))
+    n = draw(rare(st.just(0), st.integers(1, 7), 4))
     ps, qs = [], []
     for _ in range(n):
         p = draw(st.one_of(safe_texts.map(_chatml), texts))
         r = draw(st.one_of(safe_texts, safe_texts.map(lambda t: t + "<|im_end|>"),
                            texts.map(lambda t: t + "<pad><pad>"), texts))
         ps.append(p)
-        qs.append(draw(texts) if draw(sometimes(12)) else p + r)   # sometimes no prefix
-    if n and draw(sometimes(3)):        # one bad item among good ones
+        qs.append(draw(texts) if draw(sometimes(4)) else p + r)   # sometimes no prefix
+    if n and draw(sometimes(2)):        # one bad item among good ones
         k = draw(st.integers(0, n - 1))
         qs[k] = ps[k] + draw(st.one_of(risky_texts, long_texts))
     body = {"query": qs, "prompts": ps}
     if draw(st.booleans()):
         body["labels"] = draw(st.lists(junk, max_size=n))
-    if draw(sometimes(12)):
+    if draw(sometimes(3)):
         body.pop(draw(st.sampled_from(["query", "prompts"])))
-    if draw(sometimes(12)):
+    if draw(sometimes(3)):
         body[draw(st.sampled_from(["query", "prompts"]))] = draw(st.one_of(junk, st.lists(junk)))
-    if draw(sometimes(16)):
+    if draw(sometimes(4)):
         return draw(st.one_of(junk, st.lists(texts, max_size=2)))
     return body
 
@@ -179,10 +179,10 @@ def _get_reward_reference(rm, body):
     return out
 
 
-def _check(rm, srv, client, path: str, raw: bytes):
+def _check(rm, srv, client, path: str, raw: bytes, source: str):
     r = client.post(path, content=raw, headers={"content-type": "application/json"})
     assert srv.alive
-    SEEN[path, r.status_code // 100] += 1
+    SEEN[source, r.status_code // 100] += 1
     if r.status_code != 200:
         assert 400 <= r.status_code < 500, (r.status_code, r.text, raw[:300])
         assert isinstance(r.json()["detail"], str) and len(r.json()["detail"]) < 1000
@@ -209,7 +209,7 @@ def test_score_bodies(fuzz, rm, body):
     if _score_budget.spent():
         return
     client, srv = fuzz
-    _check(rm, srv, client, "/score", json.dumps(body).encode())
+    _check(rm, srv, client, "/score", json.dumps(body).encode(), "score")
 
 
 @_settings(60)
@@ -218,7 +218,7 @@ def test_get_reward_bodies(fuzz, rm, body):
     if _reward_budget.spent():
         return
     client, srv = fuzz
-    _check(rm, srv, client, "/get_reward", json.dumps(body).encode())
+    _check(rm, srv, client, "/get_reward", json.dumps(body).encode(), "get_reward")
 
 
 @_settings(50)
@@ -227,7 +227,7 @@ def test_raw_bodies(fuzz, rm, path, raw):
     if _raw_budget.spent():
         return
     client, srv = fuzz
-    _check(rm, srv, client, path, raw)
+    _check(rm, srv, client, path, raw, "raw")
 
 
 def test_the_server_still_answers_afterwards(fuzz, rm):
@@ -236,6 +236,7 @@ def test_the_server_still_answers_afterwards(fuzz, rm):
     r = client.post("/score", json={"prompts": ["What is 2+2?"], "responses": ["It is 4."]})
     assert r.status_code == 200 and _close(r.json()["rewards"],
                                            rm.score("What is 2+2?", "It is 4.").tolist())
-    # the generated bodies were not all refused, nor all accepted
-    for path in ("/score", "/get_reward"):
-        assert SEEN[path, 2] >= 5 and SEEN[path, 4] >= 5, SEEN
+    # the generated bodies of each test that ran were not all refused, nor all accepted
+    for source in ("score", "get_reward"):
+        if SEEN[source, 2] + SEEN[source, 4]:
+            assert SEEN[source, 2] >= 5 and SEEN[source, 4] >= 5, SEEN
