@@ -14,6 +14,10 @@ checkpointing of the backbone. Chosen and rejected responses of a batch go throu
 in one forward. A step whose loss or gradient norm is not finite is skipped (no update; counted
 in the history's "skipped").
 
+The value head starts at zero (R = 0 for every response): with a random start, the random
+ranking it gives survives a short training on a few hundred pairs (measured on HH-RLHF pairs:
+docs/sentence-rm.md); the aggregator's projections keep their random initialisation.
+
 With `freeze_backbone=True` only the value head and the aggregator train: the hidden states of
 the marker tokens of every training (and eval) example are computed once, before the first epoch
 (no grad), and the epochs run on them — the backbone is not run again. `lora_rank` trains LoRA
