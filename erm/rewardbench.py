@@ -32,14 +32,13 @@ The rules are those of the `rewardbench` package 0.1.4 (`rewardbench/constants.p
 """
 import dataclasses
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from .data import DataError, parse_record
-from .data import read_records as _records
+from . import jsonio
+from .data import DataError, parse_record, read_records
 from .model import reduce_rewards
 from .scoring import one_reward, truncate_option
 
@@ -143,7 +142,7 @@ def detect(path, *, sample: int = 50) -> Optional[str]:
     """"v2" when the first records are RewardBench 2 rows (chosen lists with num_correct and
     total_completions), "v1" when one of them has a RewardBench v1 subset name, else None (also
     for unreadable files: `load` reports those)."""
-    head, error = _head(_records(path, limit=sample), sample)
+    head, error = _head(read_records(path, limit=sample), sample)
     return None if error is not None else _version(head)
 
 
@@ -190,7 +189,7 @@ def _v2_item(rec, where: str) -> V2Item:
 def _load(path, sample: int = 50) -> tuple:
     """(RewardBenchData, or None when `detect` would say None; the first `sample` records; the
     error that stopped reading them or None), reading the file once."""
-    records = _records(path)
+    records = read_records(path)
     head, error = _head(records, sample)
     version = None if error is not None else _version(head)
     if version is None:
@@ -430,6 +429,7 @@ def to_rewardbench_json(rep: dict, *, model: Optional[str] = None,
 
 def write_rewardbench_json(rep: dict, path, **kwargs) -> None:
     """`to_rewardbench_json` written as RewardBench writes it (indent 4, sorted keys)."""
-    text = json.dumps(to_rewardbench_json(rep, **kwargs), indent=4, sort_keys=True)
+    text = jsonio.dumps(to_rewardbench_json(rep, **kwargs), "the RewardBench results", indent=4,
+                        sort_keys=True)
     with open(os.fspath(path), "w", encoding="utf-8") as f:
         f.write(text)

@@ -65,7 +65,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import checkpoint, dp, lm, loading
+from . import checkpoint, dp, jsonio, lm, loading
 from .constants import IGNORE_INDEX
 from .plots import plot_curves
 from .rl_config import RESUME_MAY_CHANGE, RLConfig
@@ -541,7 +541,8 @@ class Trainer:
         if self.log_path.exists() and self.rank == 0:
             keep = [json.loads(x) for x in self.log_path.read_text().splitlines() if x.strip()]
             self.records = [r for r in keep if r.get("step", 0) <= self.step_idx]
-            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.log_path.write_text("".join(jsonio.dumps(r, "the RL log") + "\n"
+                                              for r in self.records))
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> float:
@@ -584,6 +585,6 @@ class Trainer:
         if cfg.plot and self.records and main:
             summary["plot"] = str(plot_curves(self.records, self.out / "curves.png"))
         if main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.out / "summary.json").write_text(jsonio.dumps(summary, "the summary", indent=1))
         return summary
 

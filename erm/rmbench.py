@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from . import lm
+from . import jsonio, lm
 from .data import DataError, read_lines, read_records
 
 __all__ = ["STYLES", "DOMAINS", "RMBenchItem", "is_record", "detect", "load", "try_load",
@@ -359,7 +359,8 @@ def to_rmbench_records(items: Sequence[RMBenchItem], rep: dict, method: str) -> 
 
 def write_rmbench_json(items: Sequence[RMBenchItem], rep: dict, path, method: str) -> None:
     """`to_rmbench_records` written as RM-Bench writes it (a JSON array, indent 4, UTF-8)."""
-    text = json.dumps(to_rmbench_records(items, rep, method), indent=4, ensure_ascii=False)
+    text = jsonio.dumps(to_rmbench_records(items, rep, method), "the RM-Bench results", indent=4,
+                        ensure_ascii=False)
     with open(os.fspath(path), "w", encoding="utf-8") as f:
         f.write(text)
 

@@ -7,12 +7,12 @@
 The built-in set, erm/data/arithmetic.jsonl, is `make_arithmetic()` written by `write_arithmetic`.
 Test: tests/test_rl.py.
 """
-import json
 import random
 import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from . import jsonio
 from .data import DataError, json_lines, read_lines
 
 ARITHMETIC = Path(__file__).parent / "data" / "arithmetic.jsonl"
@@ -119,4 +119,4 @@ def write_arithmetic(path: Path = ARITHMETIC) -> None:
     """(Re)write the built-in prompt file from `make_arithmetic()`."""
     with open(path, "w", encoding="utf-8") as f:
         for d in make_arithmetic():
-            f.write(json.dumps(d) + "\n")
+            f.write(jsonio.dumps(d, str(path)) + "\n")

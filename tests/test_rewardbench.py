@@ -134,8 +134,8 @@ def test_load_reads_a_file_once(tmp_path, monkeypatch):
     """`load` and `try_load` detect the version from the records they read, not a second read."""
     rows, _ = _v1_rows()
     path = _jsonl(tmp_path / "rb1.jsonl", rows)
-    reads, real = [], rb._records
-    monkeypatch.setattr(rb, "_records", lambda *a, **k: reads.append(a) or real(*a, **k))
+    reads, real = [], rb.read_records
+    monkeypatch.setattr(rb, "read_records", lambda *a, **k: reads.append(a) or real(*a, **k))
     data = rb.load(path)
     assert len(reads) == 1 and data.version == "v1" and len(data) == len(V1)
     assert rb.try_load(path).items == data.items and len(reads) == 2

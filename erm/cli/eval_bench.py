@@ -2,7 +2,6 @@
 (`erm.best_of_n`): recognising them (by the first record's fields), the built-in samples
 (`--sample`), `--reduction`, and the run: score, print the table, write --out and --plot whole
 or not at all."""
-import json
 import os
 import time
 from importlib import resources
@@ -10,7 +9,7 @@ from importlib import resources
 from .. import best_of_n, rmbench
 from ..evaluate import METHODS
 from .models import model_label
-from .options import CLIError, atomic_output, check_not_input, check_out, log
+from .options import CLIError, atomic_output, check_not_input, check_out, json_text, log
 from .truncation import check_pairs, run_scoring, truncation_note
 
 #: --sample name -> the built-in file (None: the preference pairs `erm eval` reads by default).
@@ -125,7 +124,7 @@ def run_bench(args, rm, srm, methods, bench) -> int:
                 rmbench.write_rmbench_json(items, rep, tmp, method=methods[0])
             else:
                 with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(rep, f, indent=1, ensure_ascii=False)
+                    f.write(json_text(rep, "the report", indent=1, ensure_ascii=False))
         log(args, f"wrote {args.out}" + (f" (RM-Bench's results file, {methods[0]} scores)"
                                          if args.format == "rmbench" else ""))
     if args.plot:

@@ -5,8 +5,6 @@ import argparse
 import contextlib
 import errno
 import importlib.util
-import json
-import math
 import os
 import re
 import shutil
@@ -15,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .. import jsonio
 from .._checks import check_alpha, check_gamma
 
 EXIT_USAGE = 2
@@ -342,31 +341,14 @@ def _temp_beside(target: Path) -> Path:
     return Path(tmp)
 
 
-def _non_finite(obj):
-    """(key path, value) of the first NaN or infinite float in a JSON-like value, or None."""
-    stack = [("", obj)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, float) and not math.isfinite(v):
-            return path or "the value", v
-        items = v.items() if isinstance(v, dict) else enumerate(v) \
-            if isinstance(v, (list, tuple)) else ()
-        stack.extend(reversed([(f"{path}.{k}" if path else str(k), x) for k, x in items]))
-    return None
-
-
 def json_text(obj, what: str, **kw) -> str:
-    """`json.dumps(obj, allow_nan=False, **kw)`: what erm writes for a user is JSON, never the
+    """`erm.jsonio.dumps` for the command line: what erm writes for a user is JSON, never the
     NaN / Infinity literals; a non-finite number is a CLIError naming `what` and its key path
     (e.g. "the report: methods.endorm_sum.accuracy is nan")."""
     try:
-        return json.dumps(obj, allow_nan=False, **kw)
-    except ValueError:
-        found = _non_finite(obj)
-        if found is None:
-            raise
-        raise CLIError(f"{what}: {found[0]} is {found[1]}, which JSON cannot hold (a "
-                       "non-finite score or loss); nothing is written") from None
+        return jsonio.dumps(obj, what, **kw)
+    except jsonio.NonFiniteJSON as e:
+        raise CLIError(str(e)) from None
 
 
 def read_text(path, flag: str) -> str:

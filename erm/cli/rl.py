@@ -56,7 +56,7 @@ def _run(args, rm=None) -> int:
     cfg = config_from_args(args)   # every option checked before anything loads
     model = tok = None
     if rm is not None:
-        model, tok = copy.deepcopy(rm.model), rm.tokenizer
+        model, tok = copy.deepcopy(rm.causal_lm), rm.tokenizer
     with warnings.catch_warnings():   # the loop's own warnings as "erm: warning: ..." lines
         default = warnings.showwarning
 
