@@ -36,8 +36,7 @@ from importlib import resources
 from itertools import combinations
 from typing import Dict, List, Optional, Sequence, Union
 
-from . import lm
-from .data import DEFAULT_SUBSET, DataError, read_records
+from .data import DEFAULT_SUBSET, DataError, parse_records, read_records, record_prompt
 
 __all__ = ["BonItem", "default_data_path", "is_record", "load", "try_load", "select", "top1",
            "majority", "subset_top1", "pass_at_k", "score", "report", "evaluate",
@@ -78,14 +77,7 @@ def _item(rec, where: str) -> BonItem:
     missing = [k for k in ("prompt", "responses", "correct") if k not in rec]
     if missing:
         raise ValueError(f"missing field(s) {missing}")
-    prompt = rec["prompt"]
-    if isinstance(prompt, list):
-        try:
-            prompt = lm.messages(prompt)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"'prompt': {exc}") from None
-    elif not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("'prompt' must be a non-empty string or a message list")
+    prompt = record_prompt(rec["prompt"])
     responses, correct = rec["responses"], rec["correct"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise ValueError("'responses' must be a list of at least 2 responses")
@@ -110,14 +102,7 @@ def _item(rec, where: str) -> BonItem:
 
 
 def _parse(records, source: str) -> List[BonItem]:
-    items = []
-    for where, rec in records:
-        try:
-            items.append(_item(rec, where))
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
-    if not items:
-        raise DataError(f"{source}: no records found")
+    items = parse_records(records, _item, source)
     with_answers = sum(it.answers is not None for it in items)
     if 0 < with_answers < len(items):
         first = next(it for it in items if it.answers is None)

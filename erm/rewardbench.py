@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from . import jsonio
-from .data import DataError, parse_record, read_records
+from .data import DataError, parse_record, parse_records, read_records
 from .model import reduce_rewards
 from .scoring import one_reward, truncate_option
 
@@ -151,6 +151,10 @@ def is_rewardbench(path) -> bool:
     return detect(path) is not None
 
 
+def _v1_item(rec, where: str):
+    return dataclasses.replace(parse_record(rec), where=where)
+
+
 def _v2_item(rec, where: str) -> V2Item:
     if not isinstance(rec, dict):
         raise ValueError(f"expected an object, got {type(rec).__name__}")
@@ -195,13 +199,8 @@ def _load(path, sample: int = 50) -> tuple:
     if version is None:
         records.close()
         return None, head, error
-    items = []
-    for where, rec in itertools.chain(head, records):
-        try:
-            items.append(dataclasses.replace(parse_record(rec), where=where)
-                         if version == "v1" else _v2_item(rec, where))
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
+    parse = _v1_item if version == "v1" else _v2_item
+    items = parse_records(itertools.chain(head, records), parse, str(path))
     return RewardBenchData(version, items, str(path)), head, None
 
 

@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-from . import jsonio, lm
-from .data import DataError, read_lines, read_records
+from . import jsonio
+from .data import DataError, parse_records, read_lines, read_records, record_prompt
 
 __all__ = ["STYLES", "DOMAINS", "RMBenchItem", "is_record", "detect", "load", "try_load",
            "style_matrix", "triangles", "domain_of", "accuracy", "score", "report", "evaluate",
@@ -135,31 +135,12 @@ def _item(rec, where: str) -> RMBenchItem:
         missing.append("domain")
     if missing:
         raise ValueError(f"missing field(s) {missing}")
-    prompt = rec["prompt"]
-    if isinstance(prompt, list):
-        try:
-            prompt = lm.messages(prompt)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"'prompt': {exc}") from None
-    elif not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("'prompt' must be a non-empty string or a message list")
+    prompt = record_prompt(rec["prompt"])
     domain = rec["domain"] if "domain" in rec else rec["subset"]
     if not isinstance(domain, str) or not domain:
         raise ValueError("'domain' must be a non-empty string")
     return RMBenchItem(prompt, _responses(rec, "chosen"), _responses(rec, "rejected"), domain,
                        rec.get("id"), where, rec)
-
-
-def _parse(records, source: str) -> List[RMBenchItem]:
-    items = []
-    for where, rec in records:
-        try:
-            items.append(_item(rec, where))
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
-    if not items:
-        raise DataError(f"{source}: no records found")
-    return items
 
 
 def load(path) -> List[RMBenchItem]:
@@ -171,7 +152,7 @@ def load(path) -> List[RMBenchItem]:
         DataError: a malformed record — a missing field, a list that does not hold 3 non-empty
             responses, a bad prompt or domain — naming the file and the item / line / row.
     """
-    return _parse(_records(path), str(path))
+    return parse_records(_records(path), _item, str(path))
 
 
 def try_load(path) -> Optional[List[RMBenchItem]]:
@@ -187,7 +168,7 @@ def try_load(path) -> Optional[List[RMBenchItem]]:
         return None
     if first is None or not is_record(first[1]):
         return None
-    return _parse(itertools.chain([first], records), str(path))
+    return parse_records(itertools.chain([first], records), _item, str(path))
 
 
 # ----------------------------------------------------------------------------------- numbers

@@ -9,8 +9,8 @@ built-in files next to this module (``pairs.jsonl``, the sample `erm eval` reads
 """
 from .readers import (DEFAULT_SUBSET, DataError, Messages, Pair, Prompt, check_record,
                       default_data_path, is_parquet, json_lines, load_pairs, load_records,
-                      parse_record, read_lines, read_records)
+                      parse_record, parse_records, read_lines, read_records, record_prompt)
 
 __all__ = ["DEFAULT_SUBSET", "DataError", "Messages", "Pair", "Prompt", "check_record",
            "default_data_path", "is_parquet", "json_lines", "load_pairs", "load_records",
-           "parse_record", "read_lines", "read_records"]
+           "parse_record", "parse_records", "read_lines", "read_records", "record_prompt"]

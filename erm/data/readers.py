@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .. import lm
 
@@ -158,6 +158,43 @@ def parse_record(rec) -> Pair:
         raise ValueError("'chosen' and 'rejected' transcripts differ before the last "
                          "'\\n\\nAssistant:' turn")
     return Pair(_hh_messages(pc), c, r, subset)
+
+
+def record_prompt(value) -> Prompt:
+    """A scoring record's ``prompt`` (RM-Bench, best-of-N files) checked: a non-empty string as
+    it is, or a chat message list as `erm.lm.messages` cleans it (role/content strings only).
+
+    Raises:
+        ValueError: anything else, naming 'prompt' (not where the record is).
+    """
+    if isinstance(value, list):
+        try:
+            return lm.messages(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'prompt': {exc}") from None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("'prompt' must be a non-empty string or a message list")
+    return value
+
+
+def parse_records(records: Iterable[Tuple[str, object]], parse: Callable[[object, str], object],
+                  source: str) -> list:
+    """``[parse(record, where)]`` over the (where, record) pairs of `read_records` (or any
+    iterable of them), in order; `parse` raises a ValueError saying what is wrong with a record.
+
+    Raises:
+        DataError: "WHERE: what is wrong" for the first record `parse` refuses, or
+            "SOURCE: no records found" when there are none.
+    """
+    items = []
+    for where, rec in records:
+        try:
+            items.append(parse(rec, where))
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+    if not items:
+        raise DataError(f"{source}: no records found")
+    return items
 
 
 #: Leading bytes of compressed formats -> their name (gzip is read; the others are refused).
