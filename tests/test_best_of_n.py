@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 
 import erm
-from erm import best_of_n, cli
+from erm import best_of_n
 from erm.best_of_n import BonItem
 from erm.data import DataError
+from tests.clitest import run_cli, tiny_model_dir, write_jsonl
 from tests.tiny import tiny_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------- numbers
@@ -90,10 +86,10 @@ def test_load_and_variable_n(tmp_path):
     recs = [{"prompt": "2+2?", "responses": ["4", "5"], "correct": [True, False]},
             {"prompt": "3+3?", "responses": ["6", "7", "8"], "correct": [True, False, False],
              "subset": "add"}]
-    items = best_of_n.load(_jsonl(tmp_path / "b.jsonl", recs))
+    items = best_of_n.load(write_jsonl(tmp_path / "b.jsonl", recs))
     assert [len(it.responses) for it in items] == [2, 3] and items[1].subset == "add"
     assert best_of_n.try_load(tmp_path / "b.jsonl") == items
-    assert best_of_n.try_load(_jsonl(tmp_path / "p.jsonl", [
+    assert best_of_n.try_load(write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "a", "chosen": "b", "rejected": "c"}])) is None
 
 
@@ -108,7 +104,7 @@ def test_malformed_records_name_file_and_line(tmp_path, change, message):
     recs = [{"prompt": "2+2?", "responses": ["4", "5"], "correct": [True, False]}
             for _ in range(2)]
     change(recs[1])
-    path = _jsonl(tmp_path / "bad.jsonl", recs)
+    path = write_jsonl(tmp_path / "bad.jsonl", recs)
     with pytest.raises(DataError) as e:
         best_of_n.load(path)
     assert str(e.value).startswith(f"{path}: line 2: ") and message in str(e.value)
@@ -119,7 +115,7 @@ def test_answers_on_some_records_only(tmp_path):
              "answers": ["4", "5"]},
             {"prompt": "2+3?", "responses": ["5", "6"], "correct": [True, False]}]
     with pytest.raises(DataError, match="line 2: no 'answers'"):
-        best_of_n.load(_jsonl(tmp_path / "b.jsonl", recs))
+        best_of_n.load(write_jsonl(tmp_path / "b.jsonl", recs))
 
 
 # ---------------------------------------------------------------------------- built-in file
@@ -175,26 +171,16 @@ def test_selectors_endorm_and_sentence_rm(tiny):
 
 # ---------------------------------------------------------------------------------- erm eval
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny):
-    model, tok = tiny
-    d = tmp_path_factory.mktemp("tiny-llama-bon")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _run(argv, capsys):
-    rc = cli.main(["-q"] + argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-bon"), "llama", seed=0)
 
 
 def test_eval_builtin_best_of_n(tmp_path, model_dir, capsys):
     out, plot = tmp_path / "bon.json", tmp_path / "bon.png"
-    rc, printed, err = _run(["eval", "--sample", "best-of-n", "--limit", "6", "--model",
-                             model_dir, "--methods", "endorm_sum,endorm_mean,length",
-                             "--reduction", "mean", "--out", str(out), "--plot", str(plot)],
-                            capsys)
+    rc, printed, err = run_cli(["eval", "--sample", "best-of-n", "--limit", "6", "--model",
+                                model_dir, "--methods", "endorm_sum,endorm_mean,length",
+                                "--reduction", "mean", "--out", str(out), "--plot", str(plot)],
+                               capsys)
     assert rc == 0, err
     assert "6 best-of-N prompts from the built-in best-of-n sample" in printed
     for word in ("EndoRM (mean)", "Length", "Random", "Majority", "Oracle"):
@@ -209,16 +195,16 @@ def test_eval_builtin_best_of_n(tmp_path, model_dir, capsys):
 def test_eval_best_of_n_file_errors(tmp_path, capsys):
     recs = [{"prompt": "2+2?", "responses": ["4", "5"], "correct": [True, False]},
             {"prompt": "2+3?", "responses": ["5", "6"], "correct": [True]}]
-    bad = _jsonl(tmp_path / "bad.jsonl", recs)
-    rc, _, err = _run(["eval", "--data", str(bad), "--methods", "length"], capsys)
+    bad = write_jsonl(tmp_path / "bad.jsonl", recs)
+    rc, _, err = run_cli(["eval", "--data", str(bad), "--methods", "length"], capsys)
     assert rc == 2 and f"{bad}: line 2: 'correct'" in err
-    good = _jsonl(tmp_path / "good.jsonl", recs[:1])
-    rc, _, err = _run(["eval", "--data", str(good), "--methods", "length", "--format",
-                       "rmbench", "--out", str(tmp_path / "x.json")], capsys)
+    good = write_jsonl(tmp_path / "good.jsonl", recs[:1])
+    rc, _, err = run_cli(["eval", "--data", str(good), "--methods", "length", "--format",
+                          "rmbench", "--out", str(tmp_path / "x.json")], capsys)
     assert rc == 2 and "RM-Bench" in err
-    rc, _, err = _run(["eval", "--data", str(good), "--sample", "best-of-n"], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(good), "--sample", "best-of-n"], capsys)
     assert rc == 2 and "leave out --data" in err
-    rc, printed, err = _run(["eval", "--data", str(good), "--methods", "length"], capsys)
+    rc, printed, err = run_cli(["eval", "--data", str(good), "--methods", "length"], capsys)
     assert rc == 0 and "Oracle" in printed
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl"]
 
@@ -228,16 +214,16 @@ def test_reduction_option_on_pairs_and_rewardbench(tmp_path, model_dir, capsys):
     assert with_reduction("endorm_sum,endorm_mean,judge", "mean") == "endorm_mean,judge"
     assert with_reduction("length,endorm_mean", "sum") == "length,endorm_sum"
     assert with_reduction("endorm_sum,length", None) == "endorm_sum,length"
-    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "4.",
-                                               "rejected": "5."}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "4.",
+                                                     "rejected": "5."}])
     out = tmp_path / "r.json"
-    rc, _, err = _run(["eval", "--data", str(pairs), "--model", model_dir, "--methods",
-                       "endorm_sum,length", "--reduction", "mean", "--out", str(out)], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(pairs), "--model", model_dir, "--methods",
+                          "endorm_sum,length", "--reduction", "mean", "--out", str(out)], capsys)
     assert rc == 0, err
     assert list(json.loads(out.read_text())["methods"]) == ["endorm_mean", "length"]
-    rb = _jsonl(tmp_path / "rb.jsonl", [{"prompt": "2+2?", "chosen": "4.", "rejected": "5.",
-                                         "subset": "math-prm"}])
-    rc, _, err = _run(["eval", "--data", str(rb), "--model", model_dir, "--reduction", "mean",
-                       "--out", str(out)], capsys)
+    rb = write_jsonl(tmp_path / "rb.jsonl", [{"prompt": "2+2?", "chosen": "4.", "rejected": "5.",
+                                               "subset": "math-prm"}])
+    rc, _, err = run_cli(["eval", "--data", str(rb), "--model", model_dir, "--reduction", "mean",
+                          "--out", str(out)], capsys)
     assert rc == 0, err
     assert json.loads(out.read_text())["reduction"] == "mean"

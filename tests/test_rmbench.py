@@ -10,9 +10,9 @@ import os
 import pytest
 
 import erm
-from erm import cli, rmbench
+from erm import rmbench
 from erm.data import DataError
-from tests.tiny import tiny_model_and_tokenizer
+from tests.clitest import run_cli, tiny_model_dir, write_jsonl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,11 +21,6 @@ def _rec(k, domain, prompt=None):
     return {"id": k, "prompt": prompt or f"Question {k}?", "domain": domain,
             "chosen": [f"Right {k}.", f"Right {k}, in more words.", f"**Right** {k}."],
             "rejected": [f"Wrong {k}.", f"Wrong {k}, in more words.", f"**Wrong** {k}."]}
-
-
-def _write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    return path
 
 
 # ------------------------------------------------------------------------ hand-computed numbers
@@ -106,7 +101,7 @@ def test_reads_json_array_jsonl_and_gzip(tmp_path):
     arr.write_text(json.dumps(recs, indent=4), encoding="utf-8")
     gz = tmp_path / "rm.jsonl.gz"
     gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
-    for path in (arr, _write_jsonl(tmp_path / "rm.jsonl", recs), gz):
+    for path in (arr, write_jsonl(tmp_path / "rm.jsonl", recs), gz):
         items = rmbench.load(path)
         assert [it.domain for it in items] == ["chat", "safety-refuse"]
         assert items[1].chosen == recs[1]["chosen"] and items[0].id == 0
@@ -114,7 +109,7 @@ def test_reads_json_array_jsonl_and_gzip(tmp_path):
     assert "item 2" in rmbench.load(arr)[1].where
     sub = dict(_rec(2, "x"), subset="math")
     del sub["domain"]
-    assert rmbench.load(_write_jsonl(tmp_path / "s.jsonl", [sub]))[0].domain == "math"
+    assert rmbench.load(write_jsonl(tmp_path / "s.jsonl", [sub]))[0].domain == "math"
 
 
 def test_reads_parquet(tmp_path):
@@ -137,7 +132,7 @@ def test_other_formats_are_not_rmbench(tmp_path):
     for rec in (trl, v2, {"prompt": "q", "chosen": "a", "rejected": "b"},
                 {"prompt": "q", "responses": ["a", "b"], "correct": [True, False]}):
         assert not rmbench.is_record(rec)
-        assert rmbench.try_load(_write_jsonl(tmp_path / "x.jsonl", [rec])) is None
+        assert rmbench.try_load(write_jsonl(tmp_path / "x.jsonl", [rec])) is None
     assert rmbench.try_load(tmp_path / "missing.jsonl") is None
 
 
@@ -158,23 +153,13 @@ def test_malformed_records_name_file_and_item(tmp_path, change, message):
         rmbench.load(arr)
     assert str(e.value).startswith(f"{arr}: item 2: ") and message in str(e.value)
     with pytest.raises(DataError, match=r"bad\.jsonl: line 2: "):
-        rmbench.try_load(_write_jsonl(tmp_path / "bad.jsonl", recs))
+        rmbench.try_load(write_jsonl(tmp_path / "bad.jsonl", recs))
 
 
 # ----------------------------------------------------------------------------------- erm eval
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer("qwen2", seed=3)
-    d = tmp_path_factory.mktemp("tiny-qwen2-rmbench")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _run(argv, capsys):
-    rc = cli.main(["-q"] + argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2-rmbench"), "qwen2", seed=3)
 
 
 def _data(tmp_path):
@@ -188,9 +173,9 @@ def _data(tmp_path):
 def test_eval_rmbench_file(tmp_path, model_dir, capsys):
     data, recs = _data(tmp_path)
     report, results, plot = tmp_path / "rep.json", tmp_path / "res.json", tmp_path / "rm.png"
-    rc, out, err = _run(["eval", "--data", str(data), "--model", model_dir, "--methods",
-                         "endorm_sum,endorm_mean,length", "--out", str(report), "--plot",
-                         str(plot)], capsys)
+    rc, out, err = run_cli(["eval", "--data", str(data), "--model", model_dir, "--methods",
+                            "endorm_sum,endorm_mean,length", "--out", str(report), "--plot",
+                            str(plot)], capsys)
     assert rc == 0, err
     assert "6 RM-Bench prompts" in out and "tie counts as wrong" in out
     for word in ("hard", "normal", "easy", "safety", "EndoRM (mean)", "Length"):
@@ -198,8 +183,8 @@ def test_eval_rmbench_file(tmp_path, model_dir, capsys):
     rep = json.loads(report.read_text())
     assert rep["domains"] == {"chat": 2, "math": 1, "code": 1, "safety": 2}
     assert plot.read_bytes().startswith(PNG)
-    rc, _, err = _run(["eval", "--data", str(data), "--model", model_dir, "--reduction", "mean",
-                       "--out", str(results), "--format", "rmbench"], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(data), "--model", model_dir, "--reduction", "mean",
+                          "--out", str(results), "--format", "rmbench"], capsys)
     assert rc == 0, err
     written = json.loads(results.read_text())
     assert [{k: v for k, v in r.items() if not k.startswith("score_")} for r in written] == recs
@@ -218,11 +203,11 @@ def test_eval_rmbench_errors_and_whole_outputs(tmp_path, model_dir, capsys, monk
     recs[3]["rejected"] = recs[3]["rejected"][:2]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(recs), encoding="utf-8")
-    rc, _, err = _run(["eval", "--data", str(bad), "--methods", "length"], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(bad), "--methods", "length"], capsys)
     assert rc == 2 and f"{bad}: item 4: 'rejected' has 2 responses" in err
-    pairs = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    rc, _, err = _run(["eval", "--data", str(pairs), "--methods", "length", "--format",
-                       "rmbench"], capsys)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    rc, _, err = run_cli(["eval", "--data", str(pairs), "--methods", "length", "--format",
+                          "rmbench"], capsys)
     assert rc == 2 and "RM-Bench" in err
     out, plot = tmp_path / "res.json", tmp_path / "p.png"
     out.write_text("old", encoding="utf-8")
@@ -231,11 +216,11 @@ def test_eval_rmbench_errors_and_whole_outputs(tmp_path, model_dir, capsys, monk
         raise ValueError("cannot write")
     monkeypatch.setattr(rmbench, "to_rmbench_records", fail)
     monkeypatch.setattr(rmbench, "plot_report", fail)
-    rc, _, err = _run(["eval", "--data", str(data), "--methods", "length", "--out", str(out),
-                       "--format", "rmbench"], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(data), "--methods", "length", "--out", str(out),
+                          "--format", "rmbench"], capsys)
     assert rc == 2 and "cannot write" in err
-    rc, _, err = _run(["eval", "--data", str(data), "--methods", "length", "--plot",
-                       str(plot)], capsys)
+    rc, _, err = run_cli(["eval", "--data", str(data), "--methods", "length", "--plot",
+                          str(plot)], capsys)
     assert rc == 2 and not plot.exists()
     assert out.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["bad.json", "p.jsonl", "res.json", "rm.json"]
@@ -245,7 +230,7 @@ def test_builtin_rmbench_sample(capsys):
     items = rmbench.load(os.path.join(os.path.dirname(erm.__file__), "data",
                                       "rmbench_demo.jsonl"))
     assert {rmbench.domain_of(it.domain) for it in items} == set(rmbench.DOMAINS)
-    rc, out, err = _run(["eval", "--sample", "rmbench", "--methods", "length"], capsys)
+    rc, out, err = run_cli(["eval", "--sample", "rmbench", "--methods", "length"], capsys)
     assert rc == 0, err
     assert "from the built-in rmbench sample" in out
     assert not math.isnan(float(out.split("overall")[1].split()[1]))
