@@ -122,6 +122,19 @@ def _srm_methods(srm, rm, methods) -> dict:
     return {m: table[m] for m in methods if m in table}
 
 
+def _checked_methods(rm, methods, srm) -> tuple:
+    """(methods as a tuple, {SentenceRM method: SentenceRM}); a ValueError for no methods, an
+    unknown, duplicate or SentenceRM-less one."""
+    methods = tuple(methods)
+    srms = _srm_methods(srm, rm, methods)
+    unknown = [m for m in methods if m not in METHODS and m not in srms]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"duplicate methods in {methods}")
+    return methods, srms
+
+
 def score_methods(rm, methods: Sequence[str], prompts, responses, *, srm=None,
                   system_prompt=None, progress: bool = True, batch_size=None,
                   truncate: bool = True) -> Dict[str, tuple]:
@@ -137,13 +150,7 @@ def score_methods(rm, methods: Sequence[str], prompts, responses, *, srm=None,
         {method: (N float scores, not-finite values included, seconds)}, in the order of
         `methods`.
     """
-    methods = tuple(methods)
-    srms = _srm_methods(srm, rm, methods)
-    unknown = [m for m in methods if m not in METHODS and m not in srms]
-    if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"duplicate methods in {methods}")
+    methods, srms = _checked_methods(rm, methods, srm)
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
     cache, out = {"srms": srms}, {}
@@ -191,13 +198,7 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
     """
     if not isinstance(pairs, list) or (pairs and not isinstance(pairs[0], Pair)):
         pairs = load_pairs(pairs)
-    methods = tuple(methods)
-    srms = _srm_methods(srm, rm, methods)
-    unknown = [m for m in methods if m not in METHODS and m not in srms]
-    if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"duplicate methods in {methods}")
+    methods, _ = _checked_methods(rm, methods, srm)
     n = len(pairs)
     if not n:
         raise ValueError("no preference pairs to evaluate")
@@ -209,13 +210,9 @@ def evaluate(rm, pairs, *, methods: Sequence[str] = DEFAULT_METHODS, progress: b
     results = {}
     per_pair = [{"index": i, "subset": p.subset, "prompt": p.prompt, "chosen": p.chosen,
                  "rejected": p.rejected, "scores": {}, "outcome": {}} for i, p in enumerate(pairs)]
-    cache = {"srms": srms}
-    for m in methods:
-        t0 = time.perf_counter()
-        scores = _method_scores(rm, m, prompts, responses, system_prompt=system_prompt,
-                                progress=progress, batch_size=batch_size, cache=cache,
-                                truncate=truncate)
-        seconds = time.perf_counter() - t0
+    scored = score_methods(rm, methods, prompts, responses, srm=srm, system_prompt=system_prompt,
+                           progress=progress, batch_size=batch_size, truncate=truncate)
+    for m, (scores, seconds) in scored.items():
         outcomes = [_outcome(scores[i], scores[n + i]) for i in range(n)]
         results[m] = method_result(method_label(m), outcomes, subsets, counts, seconds)
         for i, row in enumerate(per_pair):
