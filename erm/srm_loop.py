@@ -79,9 +79,10 @@ class Trainer:
         """Adapters, trainable flags, the data-parallel wrapper, the cache, the optimizer."""
         rm, cfg = self.rm, self.cfg
         self.owned = par.owned_pairs(self.n, self.rank, self.size)
-        with torch.no_grad():  # R = 0 for every response at the start: the data alone moves it
-            rm.head.value.weight.zero_()
-            rm.head.value.bias.zero_()
+        if self.frozen:  # R = 0 for every response at the start: the data alone moves it
+            with torch.no_grad():
+                rm.head.value.weight.zero_()
+                rm.head.value.bias.zero_()
         self.examples, self.held_ex = examples, held_examples
         if cfg["lora_rank"] is not None:
             apply_lora(rm, cfg["lora_rank"])

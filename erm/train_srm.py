@@ -14,9 +14,11 @@ checkpointing of the backbone. Chosen and rejected responses of a batch go throu
 in one forward. A step whose loss or gradient norm is not finite is skipped (no update; counted
 in the history's "skipped").
 
-The value head starts at zero (R = 0 for every response): with a random start, the random
-ranking it gives survives a short training on a few hundred pairs (measured on HH-RLHF pairs:
-docs/sentence-rm.md); the aggregator's projections keep their random initialisation.
+With a frozen backbone the value head starts at zero (R = 0 for every response): from its
+random initialisation, the random ranking it gives survives a short training on a few hundred
+pairs (measured on HH-RLHF pairs: docs/sentence-rm.md). A trained backbone keeps the random
+start (through a zero head its first steps would get no gradient); the aggregator's projections
+keep their random initialisation.
 
 With `freeze_backbone=True` only the value head and the aggregator train: the hidden states of
 the marker tokens of every training (and eval) example are computed once, before the first epoch
