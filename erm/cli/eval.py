@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..evaluate import DEFAULT_METHODS, METHODS
 from .models import check_srm_options, load_rm, load_srm, model_label
-from .eval_bench import SAMPLES, bench_methods, load_bench, run_bench, with_reduction
+from .eval_bench import (SAMPLES, bench_methods, check_eval_outputs, eval_methods, load_bench,
+                         run_bench, with_reduction)
 from .options import (CLIError, atomic_output, check_model_options, check_not_input, check_out,
                       json_text, log, model_options, model_overrides, srm_overrides,
                       verbose_option)
@@ -82,16 +83,8 @@ def _eval_inputs(args):
     """`erm eval`'s checked inputs before the model: (data, pairs, methods)."""
     from ..data import default_data_path, load_pairs
     check_model_options(args)
-    if args.limit is not None and args.limit < 1:
-        raise CLIError("--limit must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise CLIError(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
-    for flag, path, suffixes in (("--out", args.out, None),
-                                 ("--plot", args.plot, (".png", ".svg", ".pdf"))):
-        if path:
-            check_not_input(args.data, check_out(path, suffixes, flag=flag), flag)
+    methods = eval_methods(args)
+    check_eval_outputs(args)
     data = args.data if args.data is not None else default_data_path()
     pairs = load_pairs(data)
     if args.limit is not None:

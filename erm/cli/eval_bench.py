@@ -55,14 +55,29 @@ def load_bench(args):
     return None
 
 
-def bench_methods(args, kind: str) -> list:
-    """--methods of an RM-Bench / best-of-N run, checked, with the output options."""
+def eval_methods(args) -> list:
+    """`erm eval`'s --limit checked and --methods as a list of names from
+    `erm.evaluate.METHODS` (a CLIError for none, or an unknown one)."""
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise CLIError(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+    return methods
+
+
+def check_eval_outputs(args) -> None:
+    """`erm eval`'s --out and --plot (.png, .svg or .pdf) checked: writable, and not --data."""
+    for flag, path, suffixes in (("--out", args.out, None),
+                                 ("--plot", args.plot, (".png", ".svg", ".pdf"))):
+        if path:
+            check_not_input(args.data, check_out(path, suffixes, flag=flag), flag)
+
+
+def bench_methods(args, kind: str) -> list:
+    """--methods of an RM-Bench / best-of-N run, checked, with the output options."""
+    methods = eval_methods(args)
     if args.format == "rewardbench":
         raise CLIError("--format rewardbench needs a RewardBench v1/v2 file as --data")
     if args.format == "rmbench" and kind != "rmbench":
@@ -70,10 +85,7 @@ def bench_methods(args, kind: str) -> list:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise CLIError("RM-Bench and best-of-N files are evaluated in one process: run erm eval "
                        "without torchrun")
-    for flag, path, suffixes in (("--out", args.out, None),
-                                 ("--plot", args.plot, (".png", ".svg", ".pdf"))):
-        if path:
-            check_not_input(args.data, check_out(path, suffixes, flag=flag), flag)
+    check_eval_outputs(args)
     return methods
 
 
