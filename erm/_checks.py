@@ -33,6 +33,14 @@ def check_int(x, name: str, low: int) -> int:
     return x
 
 
+def check_reduction(reduction) -> str:
+    """`reduction` itself when it is "sum" or "mean" (how token rewards become one response
+    reward); else a ValueError naming it."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return reduction
+
+
 def check_gamma(gamma) -> float:
     g = _real(gamma, "gamma")
     if not math.isfinite(g):

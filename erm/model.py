@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import lm
-from ._checks import check_alpha, check_gamma, check_int
+from ._checks import check_alpha, check_gamma, check_int, check_reduction
 from .lm import Prompt, TruncationWarning
 from .scoring import in_batches, response_sums, terminated_flags
 
@@ -258,8 +258,7 @@ class EndoRM:
             ValueError: empty response, mismatched lengths, unknown reduction, a response longer
                 than max_length, a cut context with truncate=False.
         """
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check_reduction(reduction)
         sums, lengths = self.response_rewards(prompts, responses, system_prompt=system_prompt,
                                               progress=progress, terminated=terminated,
                                               truncate=truncate)

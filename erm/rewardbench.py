@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 from . import jsonio
+from ._checks import check_reduction
 from .data import DataError, parse_record, parse_records, read_records
 from .model import reduce_rewards
 from .scoring import one_reward, truncate_option
@@ -243,8 +244,7 @@ def score(rm, data, *, reduction: str = "sum", system_prompt: Optional[str] = No
     (length-bucketed batches); empty v2 completions get −inf. A scorer with one response
     reward (no `erm.scoring.Scorer.reductions`: an `erm.SentenceRM`) gives its `score`
     (`reduction` does not apply; `erm.scoring.one_reward`)."""
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    check_reduction(reduction)
     data = _data(data)
     groups = ([[p.chosen, p.rejected] for p in data.items] if data.version == "v1"
               else [it.completions for it in data.items])

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_reduction
 from ..constants import IGNORE_INDEX
 from ..model import reduce_rewards
 
@@ -94,8 +95,7 @@ class EndogenousRewardFunc:
     def __init__(self, rm, *, reduction: str = "sum", system_prompt: Optional[str] = None,
                  empty_reward: Optional[float] = None, name: str = "endogenous_reward",
                  detect_truncation: bool = True):
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check_reduction(reduction)
         self.rm = rm
         self.reduction = reduction
         self.system_prompt = system_prompt

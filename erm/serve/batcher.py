@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, List, Optional, Sequence
 
 from .. import lm
-from .._checks import check_int
+from .._checks import check_int, check_reduction
 from ..model import reduce_rewards
 from ..scoring import in_batches, response_sums
 from .protocol import Job, RequestError
@@ -225,8 +225,7 @@ class RewardServer:
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or \
                 not (math.isfinite(max_wait_ms) and max_wait_ms >= 0):
             raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check_reduction(reduction)
         self._source = rm
         self.rm = None if callable(rm) and not hasattr(rm, "score") else rm
         self.max_batch_size = max_batch_size
