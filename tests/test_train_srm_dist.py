@@ -33,10 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(tie: bool, frozen: bool, fsdp: bool = False, **kw):
+def _train(tie: bool, frozen: bool, fsdp: bool = False, seen=None, **kw):
     from tests.tiny import tiny_model_and_tokenizer
 
     model, tok = tiny_model_and_tokenizer("llama", seed=0, tie=tie)
+    if seen is not None:  # the sequences this rank's backbone runs
+        model.get_decoder().register_forward_hook(
+            lambda m, a, o: seen.append(o.last_hidden_state.shape[0]))
     args = dict(model=model, tokenizer=tok, freeze_backbone=frozen, epochs=1,
                 batch_size=len(PAIRS), lr=1e-6, head_lr=1e-6, warmup_ratio=0.0,
                 attn_dim=16, progress=False, fsdp=fsdp, eval_pairs=PAIRS[:3], seed=3)
@@ -63,8 +66,12 @@ def _worker(rank, world, port, out, fsdp):
     torch.manual_seed(100 + rank)  # the run must not depend on the ranks' own RNG states
     try:
         for tie, frozen in CASES:
-            rm, hist = _train(tie, frozen, fsdp)
+            seen = []
+            rm, hist = _train(tie, frozen, fsdp, seen=seen)
             assert (rm is None) == (fsdp and rank != 0)
+            if frozen and not fsdp:  # each rank cached its own pairs and eval pairs only
+                own = len(dp.shard(len(PAIRS), rank, world))
+                assert sum(seen) == 2 * own + 2 * len(dp.shard(3, rank, world)), seen
             if rank == 0:
                 _record(os.path.join(out, f"{int(tie)}{int(frozen)}"), rm, hist)
         if fsdp:  # a checkpoint gathered from the shards, resumed
