@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import lm
+from .loading import file_digest  # noqa: F401  (erm.srm_checkpoint hashes with dp.file_digest)
 
 
 def torchrun_env() -> Tuple[int, int, int]:
@@ -134,17 +135,6 @@ def parts(out) -> List[Path]:
 
 class PartsMismatch(ValueError):
     """A part file written by a run whose fingerprint differs from this one's."""
-
-
-def file_digest(path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _header(line: str):

@@ -150,7 +150,8 @@ def cap_length(model, max_length: int) -> int:
     return min(max_length, ctx) if ctx else max_length
 
 
-def _sha256(path) -> str:
+def file_digest(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: 64 lowercase hex digits."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -161,7 +162,7 @@ def _sha256(path) -> str:
 def _file_identity(path, hashed: bool) -> dict:
     st = os.stat(path)
     if hashed:
-        return {"size": st.st_size, "sha256": _sha256(path)}
+        return {"size": st.st_size, "sha256": file_digest(path)}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -221,5 +222,5 @@ def weights_fingerprint(path=None) -> dict:
                                       for f in files}}
     if os.path.isdir(local):
         cfg = os.path.join(local, "config.json")
-        ident["config_sha256"] = _sha256(cfg) if os.path.isfile(cfg) else None
+        ident["config_sha256"] = file_digest(cfg) if os.path.isfile(cfg) else None
     return ident

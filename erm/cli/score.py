@@ -40,8 +40,7 @@ def _weights(args, rm, loaded_from, given: bool) -> dict:
     """The identity of the weights scored with (`erm.lm.weights_fingerprint`): --model's, the
     embedded model's, or those the given model was loaded from; for a SentenceRM also its
     backbone's and the sha256 of the config it was saved with."""
-    from ..dp import file_digest
-    from ..loading import weights_fingerprint
+    from ..loading import file_digest, weights_fingerprint
     from ..sentence_rm import CONFIG_NAME
     try:
         if args.model or not given:
@@ -62,7 +61,7 @@ def _score_fingerprint(args, rm, field, given: bool) -> dict:
     """Everything that determines the values of an `erm score` run; a part file records it and
     `--resume` reuses only parts written under the same one (the weights by their content, see
     `_weights`, so weights replaced at the same path are refused)."""
-    from ..dp import file_digest
+    from ..loading import file_digest
     cfg = getattr(rm.causal_lm, "config", None)
     loaded_from = getattr(cfg, "_name_or_path", None) or None
     model = args.model
