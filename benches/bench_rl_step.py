@@ -33,7 +33,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # erm from this checkout
 sys.path.insert(0, HERE)                    # benches/common.py
-from common import proc_kib, reset_peak_rss, time_ms  # noqa: E402
+from common import add_model_args, proc_kib, reset_peak_rss, time_ms  # noqa: E402
 
 
 def build_model(args, device, dtype):
@@ -151,12 +151,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--vocab", type=int, default=151936)
+    add_model_args(p)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=5)

@@ -18,7 +18,6 @@ Peak extra memory: torch.cuda.max_memory_allocated during one call minus what wa
 before it (the model). Prints a markdown table; --json writes {meta, rows}.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # erm from this checkout
 sys.path.insert(0, HERE)                    # benches/common.py
 from common import (  # noqa: E402
-    CORPUS, bench_device, bench_meta, peak_extra_mib, random_causal_lm, small_tokenizer, time_ms)
+    CORPUS, add_model_args, bench_device, bench_meta, peak_extra_mib, random_causal_lm, save_json,
+    small_tokenizer, time_ms)
 
 
 def parser():
@@ -37,12 +37,7 @@ def parser():
     p.add_argument("--pairs", type=int, default=16, help="pairs scored per call (default 16)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per pair, about (default 1024)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--vocab", type=int, default=151936)
+    add_model_args(p)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="cuda (default) or cpu for a smoke run")
     p.add_argument("--reps", type=int, default=5)
@@ -113,8 +108,7 @@ def main(argv=None):
         print(f"| {r['name']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {r['extra_mib']:.0f} |")
     print(f"max relative difference of the rewards, fused vs logits: {diff:.2e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save_json(args.json, meta, rows)
     return rows
 
 

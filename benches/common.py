@@ -30,6 +30,17 @@ def add_common_args(ap, *, reps):
     ap.add_argument("--json", help="also write the results here")
 
 
+def add_model_args(ap):
+    """The options of a random Qwen2-shaped model, Qwen2.5-0.5B's shape by default: --layers
+    24, --hidden 896, --heads 14, --kv-heads 2, --intermediate 4864, --vocab 151936."""
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--heads", type=int, default=14)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=4864)
+    ap.add_argument("--vocab", type=int, default=151936)
+
+
 def bench_device(requested, bench_name):
     """The device to measure on: `requested` ("cuda" / "cpu"), else the GPU; None, after saying
     so, when nothing was requested and there is no GPU (these are GPU benchmarks)."""
