@@ -51,7 +51,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import lm, sentence_rm_io
+from . import lm, sentence_rm_io, srm_lora
 from ._checks import check_int
 from .lm import Prompt
 from .loading import weights_fingerprint
@@ -442,24 +442,29 @@ class SentenceRM(nn.Module):
         (`erm.sentence_rm_io.write_dir`); the backbone too (`backbone/`, a causal LM directory
         with its tokenizer) when it was trained or has no name, else the config names it (a
         local path, a cached model id, or null for the embedded default) with the
-        `erm.loading.weights_fingerprint` of its weights, which `from_pretrained` compares.
-        Returns the directory."""
+        `erm.loading.weights_fingerprint` of its weights, which `from_pretrained` compares;
+        LoRA adapters on a named base go to `adapter/` (`erm.srm_lora`), which
+        `from_pretrained` merges into the base again. Returns the directory."""
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a directory")
         cfg = self.config()
         named = self.backbone_name is not _UNNAMED
-        save_backbone = self.backbone_tuned or not named
+        adapter = named and srm_lora.is_adapted(self.backbone)  # LoRA on a named base
+        save_backbone = (self.backbone_tuned or not named) and not adapter
         if save_backbone:
-            self.backbone.save_pretrained(out / BACKBONE_DIR)
+            srm_lora.merged(self.backbone).save_pretrained(out / BACKBONE_DIR)
             self.tokenizer.save_pretrained(out / BACKBONE_DIR)
+        if adapter:
+            srm_lora.save_adapter(self.backbone, out / srm_lora.ADAPTER_DIR)
         if named and self.backbone_fingerprint is None:
             found = weights_fingerprint(self.backbone_name)
             self.backbone_fingerprint = found if found.get("files") is not None else None
         cfg.update(backbone=BACKBONE_DIR if save_backbone else self.backbone_name,
                    backbone_saved=save_backbone, base_model=self.backbone_name if named else None,
                    base_model_named=named, backbone_tuned=bool(self.backbone_tuned),
-                   base_model_fingerprint=self.backbone_fingerprint if named else None)
+                   base_model_fingerprint=self.backbone_fingerprint if named else None,
+                   adapter=srm_lora.ADAPTER_DIR if adapter else None)
         return write_dir(out, cfg, self.head.state_dict())
 
     @classmethod
@@ -489,6 +494,8 @@ class SentenceRM(nn.Module):
         name = str(Path(path) / BACKBONE_DIR) if cfg.get("backbone_saved") else cfg["backbone"]
         dev, dt = lm.device_and_dtype(device, dtype)
         model, tok = lm.load(name, dt)
+        if cfg.get("adapter") is not None:  # LoRA adapters saved beside the head
+            model = srm_lora.load_adapter(model, Path(path) / srm_lora.ADAPTER_DIR)
         kw = {k: cfg[k] for k in ("system_prompt", "batch_size", "max_length") if k in cfg}
         kw.update(overrides)
         rm = cls(model, tok, aggregate=cfg["aggregate"], attn_dim=cfg["attn_dim"],

@@ -21,20 +21,9 @@ from . import dp
 from . import srm_checkpoint as ckpt
 from . import srm_parallel as par
 from .sentence_rm import SentenceRM, eval_mode
+from .srm_lora import apply_lora
 
-__all__ = ["Trainer", "plot_history", "apply_lora"]
-
-
-def apply_lora(rm: SentenceRM, rank: int) -> None:
-    """Put rank-`rank` LoRA adapters (peft, alpha = 2·rank, no dropout) on every linear layer
-    of `rm`'s backbone; only they (and the head) train. ImportError without peft."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("lora_rank needs peft: pip install peft") from None
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                     bias="none")
-    rm.backbone = get_peft_model(rm.backbone, cfg)
+__all__ = ["Trainer", "plot_history"]
 
 
 def _bt_terms(rc: torch.Tensor, rr: torch.Tensor, l2: float) -> torch.Tensor:
@@ -302,7 +291,8 @@ class Trainer:
 
     def finish(self) -> Optional[SentenceRM]:
         """The trained SentenceRM in eval mode (under FSDP2: gathered on rank 0, None
-        elsewhere); LoRA adapters merged into the backbone."""
+        elsewhere); with LoRA its backbone is the peft model (`save_pretrained` saves the
+        adapters)."""
         rm = self.rm
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -313,8 +303,6 @@ class Trainer:
                 return None
             rm = self.keep
             par.SRMForward(rm).load_state_dict(full)
-        if self.cfg["lora_rank"] is not None:
-            rm.backbone = rm.backbone.merge_and_unload()
         if not self.frozen:
             rm.backbone_tuned = True
             if hasattr(rm.backbone, "gradient_checkpointing_disable"):

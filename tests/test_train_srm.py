@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from erm import SentenceRM, srm_checkpoint, train_sentence_rm
+from erm import SentenceRM, srm_checkpoint, srm_lora, train_sentence_rm
 from erm import srm_loop
 from tests.tiny import tiny_model_and_tokenizer
 
@@ -130,8 +130,8 @@ def test_lora_trains_only_adapters_and_head_and_reloads(tmp_path):
     index = json.loads((tmp_path / "lora" / "checkpoint" / "checkpoint.json").read_text())
     assert index["fingerprint"]["config"]["lora_rank"] == 2
     assert rm.backbone_tuned
-    assert any(not torch.equal(v, before[k]) for k, v in rm.backbone.state_dict().items()
-               if k in before)
+    merged = srm_lora.merged(rm.backbone).state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in merged.items() if k in before)
     loaded = SentenceRM.from_pretrained(tmp_path / "lora", device="cpu")
     prompts, resps = [p["prompt"] for p in PAIRS], [p["chosen"] for p in PAIRS]
     torch.testing.assert_close(loaded.score(prompts, resps), rm.score(prompts, resps),
@@ -152,3 +152,21 @@ def test_cli_checks_the_new_options(tmp_path):
         args = parser.parse_args(base + extra)
         with pytest.raises(CLIError, match=match):
             args.func(args)
+
+
+def test_lora_on_a_named_base_saves_the_adapter_alone(tmp_path):
+    pytest.importorskip("peft")
+    model, tok = tiny_model_and_tokenizer("llama", seed=0)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rm, _ = train_sentence_rm(PAIRS, model=str(tmp_path / "base"), lora_rank=2, epochs=1,
+                              batch_size=2, lr=1e-2, attn_dim=16, progress=False,
+                              out=tmp_path / "srm")
+    files = sorted(p.name for p in (tmp_path / "srm").iterdir())
+    assert "adapter" in files and "backbone" not in files
+    cfg = json.loads((tmp_path / "srm" / "sentence_rm.json").read_text())
+    assert cfg["adapter"] == "adapter" and cfg["backbone_tuned"] and not cfg["backbone_saved"]
+    loaded = SentenceRM.from_pretrained(tmp_path / "srm", device="cpu")
+    prompts, resps = [p["prompt"] for p in PAIRS], [p["rejected"] for p in PAIRS]
+    torch.testing.assert_close(loaded.score(prompts, resps), rm.score(prompts, resps),
+                               rtol=1e-5, atol=1e-5)
