@@ -203,31 +203,30 @@ def _check(rm, srv, client, path: str, raw: bytes, source: str):
 _score_budget, _reward_budget, _raw_budget = Budget(), Budget(), Budget()
 
 
+def _post(budget: Budget, fuzz, rm, path: str, raw: bytes, source: str):
+    """`_check` one generated body on the server of `fuzz`, unless `budget` is spent."""
+    if budget.spent():
+        return
+    client, srv = fuzz
+    _check(rm, srv, client, path, raw, source)
+
+
 @_settings(70)
 @given(body=score_bodies())
 def test_score_bodies(fuzz, rm, body):
-    if _score_budget.spent():
-        return
-    client, srv = fuzz
-    _check(rm, srv, client, "/score", json.dumps(body).encode(), "score")
+    _post(_score_budget, fuzz, rm, "/score", json.dumps(body).encode(), "score")
 
 
 @_settings(60)
 @given(body=get_reward_bodies())
 def test_get_reward_bodies(fuzz, rm, body):
-    if _reward_budget.spent():
-        return
-    client, srv = fuzz
-    _check(rm, srv, client, "/get_reward", json.dumps(body).encode(), "get_reward")
+    _post(_reward_budget, fuzz, rm, "/get_reward", json.dumps(body).encode(), "get_reward")
 
 
 @_settings(50)
 @given(path=st.sampled_from(["/score", "/get_reward"]), raw=raw_bodies)
 def test_raw_bodies(fuzz, rm, path, raw):
-    if _raw_budget.spent():
-        return
-    client, srv = fuzz
-    _check(rm, srv, client, path, raw, "raw")
+    _post(_raw_budget, fuzz, rm, path, raw, "raw")
 
 
 def test_the_server_still_answers_afterwards(fuzz, rm):
