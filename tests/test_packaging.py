@@ -24,6 +24,8 @@ import erm.kernels.autotune, erm.kernels.token_stats, erm.kernels.linear_token_s
 from importlib.resources import files
 assert (files("erm") / "data" / "pairs.jsonl").is_file()
 assert (files("erm") / "data" / "arithmetic.jsonl").is_file()
+assert (files("erm") / "data" / "best_of_n.jsonl").is_file()
+assert (files("erm") / "data" / "rmbench_demo.jsonl").is_file()
 g = torch.Generator().manual_seed(0)
 z = torch.randn(3, 50, generator=g) * 2
 t = torch.randint(0, 50, (3,), generator=g)
@@ -76,7 +78,8 @@ def test_wheel_without_cuda(tmp_path):
     for f in ("erm/__init__.py", "erm/cli/__init__.py", "erm/cli/score.py", "erm/serve/app.py",
               "erm/kernels/token_stats.py",
               "erm/kernels/linear_token_stats.py", "erm/kernels/autotune.py",
-              "erm/data/pairs.jsonl", "erm/data/arithmetic.jsonl"):
+              "erm/data/pairs.jsonl", "erm/data/arithmetic.jsonl", "erm/data/best_of_n.jsonl",
+              "erm/data/rmbench_demo.jsonl"):
         assert f in names, f
     assert not any(n.startswith("erm/_C") for n in names)
     out = _run_installed(site, _USE)
