@@ -102,7 +102,7 @@ def _evaluate(args, rm, pairs, methods, srm=None):
               "system_prompt": args.system_prompt, "srm": srm or None,
               "truncate": not args.no_truncate}
     n = len(pairs)
-    wheres = [p.where or f"pair {i + 1}" for p in pairs]
+    wheres = [p.where or f"pair {i + 1}" for i, p in enumerate(pairs)]
     report, truncated = run_scoring(lambda: evaluate(rm, pairs, **kwargs), wheres * 2,
                                      str(args.data or "built-in sample"))
     note = truncation_note(args, wheres, sorted({i % n for i in truncated}), "pair prompt")
