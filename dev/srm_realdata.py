@@ -113,6 +113,7 @@ def encode_and_cache(pairs, max_length: int, batch: int = 8) -> dict:
 
 
 def save_cache(cache: dict, path: Path) -> None:
+    """Write one chunk of the cache as safetensors (states float16, lengths, EndoRM sums)."""
     from safetensors.torch import save_file
 
     flat = torch.cat(cache["states"])
@@ -124,6 +125,7 @@ def save_cache(cache: dict, path: Path) -> None:
 
 
 def load_cache(path: Path) -> dict:
+    """Read one chunk written by `save_cache`."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -184,6 +186,7 @@ VARIANTS = {  # name: (aggregate, SentenceHead / training options)
 
 
 def markers(cache, i: int) -> torch.Tensor:
+    """(K+1, D) float32 marker states end_0..end_K of cached sequence i."""
     return cache["states"][i][cache["ends"][i]].float()
 
 
@@ -249,6 +252,7 @@ def train_head(variant, cache, train_idx, n_pairs, args, seed):
 
 @torch.no_grad()
 def accuracy(head, cache, idx, n_pairs) -> float:
+    """Share of pairs idx whose chosen response scores higher (a tie counts half)."""
     c = rewards(head, cache, list(idx))
     r = rewards(head, cache, [n_pairs + i for i in idx])
     return float(((c > r).double() + 0.5 * (c == r).double()).mean())
@@ -268,6 +272,7 @@ def saturation(head, cache, idx, n_pairs):
 
 
 def summarise(values):
+    """mean, sd (n − 1), min, max of a list of numbers, and the list."""
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(1, len(values) - 1))
     return {"mean": m, "sd": sd, "min": min(values), "max": max(values), "values": values}
@@ -288,6 +293,7 @@ def paired(results) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line (see the module doc)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder")
     ap.add_argument("--data", default=str(DATA))
@@ -355,6 +361,7 @@ def main(argv=None) -> int:
 
 
 def plot(summary, path: Path, n_held: int, n_seeds: int) -> None:
+    """Horizontal bars of the held-out accuracy, mean ± sd over seeds, each seed a dot."""
     import matplotlib
 
     matplotlib.use("Agg")

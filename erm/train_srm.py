@@ -230,7 +230,7 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
     lr = float(lr) if lr is not None else (1e-4 if adapters else 1e-5)
     head_lr = float(head_lr) if head_lr is not None else (
         1e-3 if freeze_backbone or adapters else lr)
-    rank, size = dp.rank_and_size()
+    size = dp.rank_and_size()[1]
     if device is None and size > 1 and torch.cuda.is_available():
         device = f"cuda:{dp.torchrun_env()[2]}"
     identity = _model_identity(model) if out is not None else None
@@ -243,18 +243,27 @@ def train_sentence_rm(pairs, *, model=None, tokenizer=None, eval_pairs=None,
                seed=seed, world_size=size, fsdp=bool(fsdp), lora_rank=lora_rank,
                head=rm.config())
     trainer = Trainer(rm, train, held, cfg, progress=progress, on_epoch=on_epoch)
+    return _run(trainer, Path(out) if out is not None else None, save_every, resume, identity,
+                plot)
+
+
+def _run(trainer: Trainer, out: Optional[Path], save_every, resume: bool, identity,
+         plot: bool) -> Tuple[Optional[SentenceRM], List[dict]]:
+    """Prepare, (resume,) train, write (rank 0) and return (model, history)."""
+    rm = trainer.rm
     try:
-        trainer.prepare(encode_pairs(rm, train, "pairs"),
-                        encode_pairs(rm, held, "eval_pairs") if held is not None else None)
+        trainer.prepare(encode_pairs(rm, trainer.train, "pairs"),
+                        encode_pairs(rm, trainer.held, "eval_pairs")
+                        if trainer.held is not None else None)
         if out is not None:
-            trainer.checkpointing(Path(out) / CHECKPOINT_DIR, save_every,
+            trainer.checkpointing(out / CHECKPOINT_DIR, save_every,
                                   fingerprint=trainer.fingerprint(identity), resume=resume)
         history = trainer.run()
         final = trainer.finish()
     finally:
         trainer.restore_flags()
-    if out is not None and rank == 0:
-        _write_outputs(final, history, Path(out), plot)
+    if out is not None and trainer.rank == 0:
+        _write_outputs(final, history, out, plot)
     dp.barrier()
     return final, history
 
