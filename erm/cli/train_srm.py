@@ -25,9 +25,10 @@ def _add_training_options(p) -> None:
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only the value head and aggregator (hidden states computed once)")
     p.add_argument("--epochs", type=int, default=1, metavar="N")
-    p.add_argument("--lr", type=float, metavar="LR", help="backbone learning rate (1e-5)")
+    p.add_argument("--lr", type=float, metavar="LR",
+                   help="backbone learning rate (1e-5; LoRA adapters: 1e-4)")
     p.add_argument("--head-lr", type=float, metavar="LR",
-                   help="head/aggregator learning rate (1e-3 frozen, else --lr)")
+                   help="head/aggregator learning rate (1e-3 frozen or LoRA, else --lr)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="batches per optimizer step (1)")
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="W", help="AdamW (0)")
