@@ -24,7 +24,10 @@ used before), "attention, no RoPE", "attention, uniform weights" (the query zero
 the mean of the sentence rewards), "attention, d=16" (fewer projection weights to overfit),
 "attention, standardised states" (marker states standardised per dimension with the training
 pairs' mean and sd: one dimension of SmolLM2's final states has mean 23 and sd 13, the others
-about 1) and "attention × K, query 0 at init" (R = K·Σ_k w_k r_k, which starts as "sum"). With a
+about 1), "attention, projections at lr/10" and "lr/100", "attention, unit query/keys × 4"
+(logits 4·cos(q, k_k), no RoPE: bounded) and "attention × K, query 0 at init"
+(R = K·Σ_k w_k r_k, which starts as "sum"). For the attention variants the JSON also gives how
+often one sentence decides R (largest weight > 0.95). With a
 shared prompt v(end_0) is the same for both responses of a pair, so "sum" and "last" train alike
 unless the context was cut differently for the two responses (--max-length).
 
@@ -181,8 +184,39 @@ VARIANTS = {  # name: (aggregate, SentenceHead / training options)
     "attention, standardised states": ("attention", {"standardise": True}),
     "attention, projections at lr/10": ("attention", {"proj_lr": 0.1}),
     "attention, projections at lr/100": ("attention", {"proj_lr": 0.01}),
+    "attention, unit query/keys × 4": ("attention", {"qk_norm": 4.0}),
     "attention × K, query 0 at init": ("attention", {"times_k": True, "zero_query": True}),
 }
+
+
+def bounded_head(hidden: int, attn_dim: int, scale: float):
+    """A SentenceHead whose attention logits are scale·cos(q, k_k): the query and the keys
+    L2-normalised after the rotary embedding, so no weight can exceed e^(2·scale) times
+    another."""
+    import math as _math
+
+    from erm.sentence_rm import SentenceHead
+
+    class Bounded(SentenceHead):
+        def forward(self, states, n):
+            b, m, _ = states.shape
+            states = states.float()
+            v = self.value(states).squeeze(-1)
+            idx = torch.arange(m - 1)
+            valid = idx[None, :] < n[:, None]
+            v = v * torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+            r = (v[:, 1:] - v[:, :-1]) * valid
+            last_h = states.gather(1, n[:, None, None].expand(b, 1, states.shape[-1]))
+            q = self.query(last_h)
+            keys = self.key(states[:, 1:])
+            q = F.normalize(q, dim=-1)
+            keys = F.normalize(keys, dim=-1)
+            logits = scale * (q * keys).sum(-1)
+            w = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
+            w = torch.where(valid, w, torch.zeros_like(w))
+            return (w * r).sum(-1), r, w, v
+    del _math
+    return Bounded(hidden, "attention", attn_dim, rope=False)
 
 
 def markers(cache, i: int) -> torch.Tensor:
@@ -207,8 +241,12 @@ def train_head(variant, cache, train_idx, n_pairs, args, seed):
 
     agg, opts = VARIANTS[variant]
     torch.manual_seed(seed)
-    head = SentenceHead(cache["states"][0].shape[1], agg, attn_dim=opts.get("attn_dim", 256),
-                        rope=opts.get("rope", True))
+    if opts.get("qk_norm"):
+        head = bounded_head(cache["states"][0].shape[1], opts.get("attn_dim", 256),
+                            opts["qk_norm"])
+    else:
+        head = SentenceHead(cache["states"][0].shape[1], agg,
+                            attn_dim=opts.get("attn_dim", 256), rope=opts.get("rope", True))
     head.times_k = bool(opts.get("times_k"))
     if not opts.get("random_value"):  # as erm.train_sentence_rm starts it
         torch.nn.init.zeros_(head.value.weight)
