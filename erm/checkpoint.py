@@ -11,7 +11,7 @@ at any moment leaves the last good checkpoint whole. A checkpoint is never writt
 non-finite tensor (`CheckpointError` instead: the last good one stays). Full (unsharded) states:
 under FSDP2 every rank takes part in gathering the shards and rank 0 writes.
 
-`read_meta` reads and checks the JSON, `config_differences` compares its config and model
+`read_meta` reads and checks the JSON, `erm.loading.differences` compares its config and model
 fingerprint with a new run's, `load` restores the tensors and the random states. Every failure to
 read (a truncated or garbage file, a pickle that would run code, tensors of another model) is a
 `CheckpointError`, a ValueError whose message names the file.
@@ -22,7 +22,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -95,22 +95,6 @@ def nonfinite_tensors(model, optimizer) -> List[str]:
                 if torch.is_tensor(v) and v.is_floating_point()
                 and not bool(torch.isfinite(_local(v)).all())]
     return bad
-
-
-def config_differences(stored: dict, current: dict, may_change: Iterable[str] = (),
-                       prefix: str = "") -> List[str]:
-    """"name: A in the checkpoint, B now" for each key whose values differ (`may_change` keys
-    aside); nested dicts (a model fingerprint) key by key, named by their dotted path."""
-    free, out = set(may_change), []
-    for k in dict.fromkeys(list(stored) + list(current)):
-        a, b = stored.get(k), current.get(k)
-        if k in free or a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, prefix=f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}: {a!r} in the checkpoint, {b!r} now")
-    return out
 
 
 # ------------------------------------------------------------------ write

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import lm
-from .loading import file_digest  # noqa: F401  (erm.srm_checkpoint hashes with dp.file_digest)
+from .loading import differences
 
 
 def torchrun_env() -> Tuple[int, int, int]:
@@ -146,21 +146,6 @@ def _header(line: str):
     return rec.get("fingerprint") if isinstance(rec, dict) and "erm_part" in rec else None
 
 
-def _differences(theirs: dict, ours: dict, prefix: str = "") -> str:
-    """What differs between two fingerprints, key by key; nested dicts (a model's weight
-    files) by their dotted path, e.g. "weights.files.model.safetensors.sha256"."""
-    out = []
-    for k in dict.fromkeys(list(ours) + list(theirs)):
-        a, b = theirs.get(k), ours.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.append(_differences(a, b, f"{prefix}{k}."))
-        else:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return "; ".join(out)
-
-
 def read_parts(out, n: int, fingerprint: Optional[dict] = None) -> Dict[int, float]:
     """{row index: value} from the part files of `out`; a torn last line (a crash mid-write) and
     indices outside [0, n) are ignored. With `fingerprint`, a part file whose header records
@@ -174,7 +159,7 @@ def read_parts(out, n: int, fingerprint: Optional[dict] = None) -> Dict[int, flo
         theirs = _header(lines[0])
         if fingerprint is not None and theirs != fingerprint:
             why = ("it has no run header (written by an older erm)" if theirs is None else
-                   "it was written by another run (" + _differences(theirs, fingerprint) + ")")
+                   "it was written by another run (" + "; ".join(differences(theirs, fingerprint)) + ")")
             raise PartsMismatch(f"--resume: {p}: {why}; its values cannot be reused: run "
                                 "without --resume to start over")
         for line in lines[theirs is not None:]:

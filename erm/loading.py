@@ -7,7 +7,7 @@ the network), the embedded default model when no name is given. `erm.lm` names a
 """
 import hashlib
 import os
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 
@@ -148,6 +148,23 @@ def cap_length(model, max_length: int) -> int:
     """`max_length` capped by the model's `context_length` (unchanged where that is unknown)."""
     ctx = context_length(model)
     return min(max_length, ctx) if ctx else max_length
+
+
+def differences(theirs: dict, ours: dict, *, there: str = "there", skip: Iterable[str] = (),
+                prefix: str = "") -> List[str]:
+    """What differs between two fingerprints or configs, one "key: A <there>, B now" per key
+    whose values differ (`skip` keys aside); nested dicts (a model's weight files) key by key,
+    named by their dotted path, e.g. "weights.files.model.safetensors.sha256"."""
+    free, out = set(skip), []
+    for k in dict.fromkeys(list(ours) + list(theirs)):
+        a, b = theirs.get(k), ours.get(k)
+        if k in free or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, there=there, prefix=f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: {a!r} {there}, {b!r} now")
+    return out
 
 
 def file_digest(path) -> str:

@@ -427,7 +427,7 @@ class Trainer:
         """`--resume`: refuse (`erm.checkpoint.CheckpointError`) where the stored `config` or
         model identity differs from this run's (the fields of RESUME_MAY_CHANGE aside), naming
         each difference; with `resume_force` a warning names them instead."""
-        diff = checkpoint.config_differences(stored, now, RESUME_MAY_CHANGE)
+        diff = loading.differences(stored, now, there="in the checkpoint", skip=RESUME_MAY_CHANGE)
         if not diff:
             return
         msg = (f"--resume: {self.out / checkpoint.META} was written by another run ("

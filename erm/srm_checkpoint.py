@@ -22,8 +22,9 @@ from typing import Dict, Optional
 import torch
 
 from . import dp
+from .loading import differences, file_digest
 
-__all__ = ["save", "load", "exists", "differences", "CheckpointMismatch", "INDEX"]
+__all__ = ["save", "load", "exists", "CheckpointMismatch", "INDEX"]
 
 INDEX = "checkpoint.json"
 _FORMAT = "erm-srm-checkpoint"
@@ -78,7 +79,7 @@ def _check_finite(tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def _sha256(path: Path) -> str:
-    return dp.file_digest(path)
+    return file_digest(path)
 
 
 def save(folder, fwd, opt, sched, meta: dict, *, sharded: bool = False) -> Optional[Path]:
@@ -128,20 +129,6 @@ def save(folder, fwd, opt, sched, meta: dict, *, sharded: bool = False) -> Optio
     return folder
 
 
-def differences(theirs: dict, ours: dict, prefix: str = "") -> str:
-    """What differs between two fingerprints, by dotted key: "config.lr: 0.001 there, 0.01 now"."""
-    out = []
-    for k in dict.fromkeys(list(ours) + list(theirs)):
-        a, b = theirs.get(k), ours.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.append(differences(a, b, f"{prefix}{k}."))
-        else:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return "; ".join(out)
-
-
 def read_index(folder) -> dict:
     """The checkpoint.json of `folder` (FileNotFoundError / ValueError when it is not one)."""
     p = Path(folder) / INDEX
@@ -172,7 +159,7 @@ def load(folder, fwd, opt, sched, fingerprint: dict) -> dict:
     if index.get("fingerprint") != fingerprint:
         raise CheckpointMismatch(
             f"--resume: {folder} was written by another run ("
-            f"{differences(index.get('fingerprint') or {}, fingerprint)}); start without "
+            f"{'; '.join(differences(index.get('fingerprint') or {}, fingerprint))}); start without "
             "--resume or with the same model, data and configuration")
     path = Path(folder) / index["file"]
     if not path.is_file() or _sha256(path) != index["sha256"]:
