@@ -18,7 +18,7 @@ from erm.sentence_rm import (is_sentence_rm_dir, load_for_eval, read_config,
                              sentence_markers)
 from erm.sentences import split_sentences
 from erm.cli.train_srm import add_parser
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import SRM_PAIRS, tiny_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,15 +29,7 @@ RESPONSES = ["The capital of France is Paris. It is big!",
              "4.",
              "The quick brown fox jumps over the lazy dog. 1. First item\n2. Second item",
              "中文句子。你好！是吗？ Dr. Smith met Mr. Jones."]
-PAIRS = [
-    {"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
-     "rejected": "Berlin is the capital of Germany. Madrid is the capital of Spain."},
-    {"prompt": "Hi", "chosen": "Hello world. Second sentence!", "rejected": "Bad. Good."},
-    {"prompt": "What is 2+2?", "chosen": "Two plus two equals four. It is not five.",
-     "rejected": "I think the answer is 5."},
-    {"prompt": "Tell me a story.", "chosen": "The quick brown fox jumps over the lazy dog.",
-     "rejected": "The lazy dog. The fox!"},
-]
+PAIRS = SRM_PAIRS
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,9 @@ import torch
 
 from erm import SentenceRM, srm_checkpoint, srm_lora, train_sentence_rm
 from erm import srm_loop
-from tests.tiny import tiny_model_and_tokenizer
+from tests.tiny import SRM_PAIRS, tiny_model_and_tokenizer
 
-PAIRS = [
-    {"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
-     "rejected": "Berlin is the capital of Germany. Madrid is the capital of Spain."},
-    {"prompt": "Hi", "chosen": "Hello world. Second sentence!", "rejected": "Bad. Good."},
-    {"prompt": "What is 2+2?", "chosen": "Two plus two equals four. It is not five.",
-     "rejected": "I think the answer is 5."},
-    {"prompt": "Tell me a story.", "chosen": "The quick brown fox jumps over the lazy dog.",
-     "rejected": "The lazy dog. The fox!"},
-]
+PAIRS = SRM_PAIRS
 
 
 def _train(out=None, frozen=False, **kw):

@@ -13,15 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from erm import dp, train_sentence_rm
+from tests.tiny import SRM_PAIRS
 
-PAIRS = [
-    {"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
-     "rejected": "Berlin is the capital of Germany. Madrid is the capital of Spain."},
-    {"prompt": "Hi", "chosen": "Hello world. Second sentence!", "rejected": "Bad. Good."},
-    {"prompt": "What is 2+2?", "chosen": "Two plus two equals four. It is not five.",
-     "rejected": "I think the answer is 5."},
-    {"prompt": "Tell me a story.", "chosen": "The quick brown fox jumps over the lazy dog.",
-     "rejected": "The lazy dog. The fox!"},
+PAIRS = SRM_PAIRS + [
     {"prompt": "Hi", "chosen": "Good. Fine!", "rejected": "The fox."},
 ]
 CASES = [(tie, frozen) for tie in (False, True) for frozen in (True, False)]

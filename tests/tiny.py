@@ -97,3 +97,15 @@ def tiny_model_and_tokenizer(arch: str = "llama", seed: int = 0, *, no_template:
     tok = tiny_tokenizer(no_template=no_template, padding_side=padding_side)
     model = tiny_model(arch, vocab_size=len(tok), seed=seed, tie=tie)
     return model, tok
+
+
+# Preference pairs with several sentences per response, for the SentenceRM tests.
+SRM_PAIRS = [
+    {"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
+     "rejected": "Berlin is the capital of Germany. Madrid is the capital of Spain."},
+    {"prompt": "Hi", "chosen": "Hello world. Second sentence!", "rejected": "Bad. Good."},
+    {"prompt": "What is 2+2?", "chosen": "Two plus two equals four. It is not five.",
+     "rejected": "I think the answer is 5."},
+    {"prompt": "Tell me a story.", "chosen": "The quick brown fox jumps over the lazy dog.",
+     "rejected": "The lazy dog. The fox!"},
+]
