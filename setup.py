@@ -126,6 +126,7 @@ setup(
         "test": ["pytest", "pytest-benchmark"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "verl": ["verl>=0.9.1"],
+        "lora": ["peft>=0.13"],   # erm train-srm --lora-rank
     },
     # verl imports every `verl.plugins` entry point at start-up: this one registers the reward
     # manager `erm` (erm/integrations/verl_manager.py)

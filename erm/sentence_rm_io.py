@@ -6,9 +6,11 @@ A saved directory holds
     sentence_rm.json     the config: {"format": "erm-sentence-rm", "version": 2, "aggregate",
                          "attn_dim", "rope", "rope_base", "hidden_size", "system_prompt",
                          "batch_size", "max_length", "backbone", "backbone_saved", "base_model",
-                         "base_model_named", "backbone_tuned", "base_model_fingerprint"}
+                         "base_model_named", "backbone_tuned", "base_model_fingerprint",
+                         "adapter"}
     head.safetensors     the value head and the attention aggregator (float32)
     backbone/            the backbone, when it was trained or given as an object
+    adapter/             LoRA adapters of a named base ("adapter": "adapter"; `erm.srm_lora`)
 
 Version 2 adds "base_model_fingerprint": `erm.loading.weights_fingerprint` of the named base
 model when the SentenceRM was saved, so a head is not silently put on other weights found at
@@ -80,12 +82,15 @@ def _field_problem(key: str, value) -> Optional[str]:
         ok = value is None or (isinstance(value, dict) and isinstance(value.get("files"),
                                                                        (dict, type(None))))
         return None if ok else "null or a weights fingerprint (an object with \"files\")"
+    if key == "adapter":
+        return None if value in (None, "adapter") else 'null or "adapter" (the adapter folder)'
     return None
 
 
 _REQUIRED = ("aggregate", "attn_dim", "rope", "rope_base", "backbone")
 _OPTIONAL = ("hidden_size", "system_prompt", "batch_size", "max_length", "backbone_saved",
-             "base_model", "base_model_named", "backbone_tuned", "base_model_fingerprint")
+             "base_model", "base_model_named", "backbone_tuned", "base_model_fingerprint",
+             "adapter")
 
 
 def check_config(cfg, where) -> dict:

@@ -94,6 +94,7 @@ def test_nan_in_the_head_is_refused(copy):
     ("version", "2", "format version '2' is not one this erm reads"),
     ("version", _DROP, "format version None"),
     ("rope", _DROP, "the field 'rope' is missing"),
+    ("adapter", "../elsewhere", "'adapter' must be null or \"adapter\""),
 ])
 def test_edited_config_fields_are_refused(copy, field, value, message):
     _edit(copy, **{field: value})
