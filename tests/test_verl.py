@@ -531,13 +531,16 @@ def test_the_plugin_patches_verls_workers_when_asked(verl):
             "verl.utils.kernel.linear_cross_entropy as lce; "
             "print(tf.FusedLinearForPPO.__module__, "
             "getattr(lce.linear_cross_entropy, '__module__', None) or 'verl.utils.kernel')")
-    for flag, want in (("1", "erm.integrations.verl_kernels"), ("", "verl.utils")):
+    for flag in ("1", ""):
         env = {**os.environ, "ERM_VERL_KERNELS": flag, "OMP_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, "-c", code, str(PEER)], env=env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.split() and all(m.startswith(want) for m in out.stdout.split()), \
-            out.stdout
+        mods = out.stdout.split()
+        # patched: both are erm's; not asked: verl's own (an autograd Function's `apply` names
+        # torch.autograd.function as its module on some torch versions)
+        ours = [m.startswith("erm.integrations.verl_kernels") for m in mods]
+        assert len(mods) == 2 and (all(ours) if flag else not any(ours)), out.stdout
 
 
 def test_hf_forward_with_the_fused_path_uses_erm(verl):
