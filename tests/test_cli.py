@@ -16,7 +16,7 @@ import erm
 from erm import cli
 from erm.cli import eval as cli_eval
 from erm.lm import TruncationWarning
-from tests.tiny import tiny_model_and_tokenizer
+from tests.clitest import tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -24,11 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer("qwen2", seed=3)
-    d = tmp_path_factory.mktemp("tiny-qwen2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=3)
 
 
 @pytest.fixture(scope="module")

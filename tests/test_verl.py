@@ -23,6 +23,7 @@ import torch
 
 import erm
 from erm import lm
+from tests.clitest import tiny_model_dir
 from tests.tiny import tiny_model_and_tokenizer, tiny_tokenizer
 
 VERL = "0.9.1"
@@ -54,11 +55,7 @@ def verl():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer("llama", seed=3)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return Path(tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=3))
 
 
 @pytest.fixture(scope="module")
