@@ -358,15 +358,21 @@ def fsdp_on_cpu() -> bool:
     return hasattr(torch.cpu.current_stream(), "record_event")
 
 
+def check_fsdp_device(module) -> None:
+    """A RuntimeError when `module` sits on the CPU and this torch's FSDP2 cannot run there
+    (`fsdp_on_cpu`), saying what to use instead."""
+    if next(module.parameters()).device.type == "cpu" and not fsdp_on_cpu():
+        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 cannot run on the CPU: use a "
+                           "GPU, DDP (no --fsdp), or a newer torch")
+
+
 def wrap_fsdp(policy):
     """FSDP2 over `PolicyStats(policy)`: every block of the model's layer lists (the decoder
     layers) is its own shard group, the root holds the rest (embeddings, final norm and LM head,
     tied or not). `policy`'s parameters become this rank's shards (DTensors) in place, so build
     the optimizer after wrapping; `.generate` of the wrapper samples with the gathered weights."""
     fully_shard, register_fsdp_forward_method = _fsdp_api()
-    if next(policy.parameters()).device.type == "cpu" and not fsdp_on_cpu():
-        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 cannot run on the CPU: use a "
-                           "GPU, DDP (no --fsdp), or a newer torch")
+    check_fsdp_device(policy)
     stats = PolicyStats(policy)
     for mod in policy.modules():
         if isinstance(mod, torch.nn.ModuleList):

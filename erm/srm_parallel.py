@@ -72,9 +72,7 @@ def wrap(fwd: SRMForward, mode: Optional[str]):
             broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard
 
-    if next(fwd.parameters()).device.type == "cpu" and not dp.fsdp_on_cpu():
-        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 cannot run on the CPU: use a "
-                           "GPU, DDP (no --fsdp), or a newer torch")
+    dp.check_fsdp_device(fwd)
     for mod in fwd.rm.backbone.modules():
         if isinstance(mod, nn.ModuleList):
             for block in mod:
